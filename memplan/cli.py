@@ -1,0 +1,66 @@
+"""The ``memplan`` command line. Each subcommand lives in ``memplan/commands/<name>.py`` and registers
+itself with :func:`command`; ``main`` discovers them. User errors print one line and exit 2.
+
+Example:
+    $ memplan analyze zoo:resnet50 --input 1,3,224,224 --json -
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+from collections.abc import Callable, Sequence
+
+from memplan.errors import MemplanError
+
+Configure = Callable[[argparse.ArgumentParser], None]
+_COMMANDS: dict[str, tuple[str, Configure]] = {}
+
+
+def command(name: str, help: str) -> Callable[[Configure], Configure]:  # noqa: A002
+    """Register a subcommand: decorate its parser configurator; it must set ``func`` via defaults.
+
+    Example:
+        >>> @command("hello", "say hello")
+        ... def _configure(p):
+        ...     p.set_defaults(func=lambda args: print("hello") or 0)
+    """
+
+    def deco(configure: Configure) -> Configure:
+        _COMMANDS[name] = (help, configure)
+        return configure
+
+    return deco
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser with every discovered subcommand."""
+    import memplan.commands as pkg
+
+    for info in pkgutil.iter_modules(pkg.__path__):
+        importlib.import_module(f"memplan.commands.{info.name}")
+    parser = argparse.ArgumentParser(prog="memplan", description="Peak activation memory of CNNs, and less of it.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (help_text, configure) in sorted(_COMMANDS.items()):
+        configure(sub.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``memplan`` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except MemplanError as e:
+        print(f"memplan {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"memplan {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""memplan subcommands; each module registers itself with memplan.cli.command."""

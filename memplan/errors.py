@@ -1,0 +1,18 @@
+"""Errors memplan raises for bad user input; the CLI prints them as one line and exits 2."""
+
+from __future__ import annotations
+
+
+class MemplanError(Exception):
+    """A user-facing error: bad model spec, bad shape, uncapturable model, missing package.
+
+    Example:
+        >>> raise MemplanError("bad input shape '1,x': not a comma-separated list of integers")
+        Traceback (most recent call last):
+        ...
+        memplan.errors.MemplanError: bad input shape '1,x': not a comma-separated list of integers
+    """
+
+
+class CaptureError(MemplanError):
+    """Neither torch.fx symbolic tracing nor torch.export could capture the model."""

@@ -10,6 +10,9 @@ one lives in; aliasing (views, in-place ops, getitem of tuples) falls out of sto
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -208,7 +211,12 @@ def capture(
     if method in ("auto", "export"):
         try:
             real = [torch.zeros(t.shape, dtype=t.dtype) for t in inputs]
-            ep = torch.export.export(model, tuple(real), strict=False)
+            logging.disable(logging.WARNING)  # export prints whole graphs on failure; we raise one line
+            try:
+                with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                    ep = torch.export.export(model, tuple(real), strict=False)
+            finally:
+                logging.disable(logging.NOTSET)
             gm = ep.module()
             return _propagate(gm, "export", inputs, name)
         except Exception as e:  # noqa: BLE001

@@ -15,7 +15,7 @@ from memplan.report import format_table, write_json
 def configure(p: argparse.ArgumentParser) -> None:
     """Arguments of ``memplan analyze``."""
     p.add_argument("model", help="zoo:NAME, torchvision:NAME, timm:NAME, FILE.py:CALLABLE or pkg.module:CALLABLE")
-    p.add_argument("--input", type=parse_shape, default=None, help="input shape, e.g. 1,3,224,224")
+    p.add_argument("--input", default=None, help="input shape, e.g. 1,3,224,224")
     p.add_argument("--form", choices=FORMS, default="deploy")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")
     p.add_argument("--inplace-elementwise", action="store_true",
@@ -29,7 +29,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Execute ``memplan analyze``."""
     model = load_model(args.model)
-    shape = args.input or default_input(args.model)
+    shape = parse_shape(args.input) if args.input else default_input(args.model)
     report = analyze(model, shape, form=args.form, dtype=args.dtype,
                      inplace_elementwise=args.inplace_elementwise, name=args.model)
     if args.json != "-":

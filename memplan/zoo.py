@@ -9,7 +9,9 @@ variants (``resnet18_small``, ``resnet_tiny``, ``mobilenet_v2_small``, ``densene
 
 Every constructor takes ``num_classes``, ``in_chans`` and ``strides``: the list of the network's
 downsampling points in forward order (DESIGN §3). An aggressive-pool student is the same constructor
-with a different list, e.g. the ReDistill ResNet18 student ``resnet18(strides=[8, 1, 1, 2, 2, 1])``.
+with a different list, e.g. the ReDistill ResNet18 student ``resnet18(strides=[8, 1, 1, 2, 2, 1])``;
+every model keeps the resolved list as its ``strides`` attribute (a tuple). A wrong length or a
+non-positive entry raises :class:`ZooError` (a ``ValueError``) naming the expected slots.
 A pool whose slot in ``strides`` is a plain pooling layer (VGG pools, DenseNet transitions, UNet
 encoder pools) uses ``kernel_size = stride = s``, so ``s = 1`` keeps the spatial size.
 
@@ -87,9 +89,7 @@ class UnknownModelError(ZooError):
 _REGISTRY: dict[str, tuple[Callable[..., nn.Module], tuple[int, ...]]] = {}
 
 
-def register_model(
-    fn: ModelFn | None = None, *, default_input: tuple[int, ...] = IMAGENET_INPUT
-) -> Any:
+def register_model(fn: ModelFn | None = None, *, default_input: tuple[int, ...] = IMAGENET_INPUT) -> Any:
     """Register a model constructor under its function name (usable bare or with arguments).
 
     ``default_input`` is the input shape (batch first) the model is meant for; it is what
@@ -219,8 +219,15 @@ class ConvNormAct(nn.Sequential):
         activation_layer: Callable[..., nn.Module] | None = nn.ReLU,
     ) -> None:
         layers = [
-            nn.Conv2d(in_channels, out_channels, kernel_size, stride, (kernel_size - 1) // 2,
-                      groups=groups, bias=False),
+            nn.Conv2d(
+                in_channels,
+                out_channels,
+                kernel_size,
+                stride,
+                (kernel_size - 1) // 2,
+                groups=groups,
+                bias=False,
+            ),
             norm_layer(out_channels),
         ]
         if activation_layer is not None:
@@ -479,8 +486,15 @@ def resnet_tiny(**kwargs: Any) -> ResNet:
 # --------------------------------------------------------------------------------------------------
 
 # (expand ratio t, channels c, repeats n, stride s) per stage, as in torchvision.
-_MOBILENET_V2_STAGES = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
-                        (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
+_MOBILENET_V2_STAGES = (
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+)
 
 
 class InvertedResidual(nn.Module):
@@ -543,7 +557,9 @@ class MobileNetV2(nn.Module):
             for i in range(n):
                 features.append(InvertedResidual(input_channel, output_channel, s if i == 0 else 1, t))
                 input_channel = output_channel
-        features.append(ConvNormAct(input_channel, self.last_channel, kernel_size=1, activation_layer=nn.ReLU6))
+        features.append(
+            ConvNormAct(input_channel, self.last_channel, kernel_size=1, activation_layer=nn.ReLU6)
+        )
         self.features = nn.Sequential(*features)
         self.classifier = nn.Sequential(nn.Dropout(p=dropout), nn.Linear(self.last_channel, num_classes))
         _init_weights(self)
@@ -633,7 +649,9 @@ class InvertedResidualV3(nn.Module):
         layers: list[nn.Module] = []
         if exp_c != in_c:
             layers.append(ConvNormAct(in_c, exp_c, 1, norm_layer=norm_layer, activation_layer=act))
-        layers.append(ConvNormAct(exp_c, exp_c, kernel, stride, exp_c, norm_layer=norm_layer, activation_layer=act))
+        layers.append(
+            ConvNormAct(exp_c, exp_c, kernel, stride, exp_c, norm_layer=norm_layer, activation_layer=act)
+        )
         if use_se:
             layers.append(SqueezeExcitation(exp_c, _make_divisible(exp_c // 4, 8)))
         layers.append(ConvNormAct(exp_c, out_c, 1, norm_layer=norm_layer, activation_layer=None))
@@ -671,16 +689,30 @@ class MobileNetV3(nn.Module):
         self.strides = _resolve_strides("mobilenet_v3", strides, [2] + [cfg[-1] for cfg in setting], labels)
         norm_layer = partial(nn.BatchNorm2d, eps=0.001, momentum=0.01)
         layers: list[nn.Module] = [
-            ConvNormAct(in_chans, setting[0][0], 3, self.strides[0], norm_layer=norm_layer,
-                        activation_layer=nn.Hardswish)
+            ConvNormAct(
+                in_chans,
+                setting[0][0],
+                3,
+                self.strides[0],
+                norm_layer=norm_layer,
+                activation_layer=nn.Hardswish,
+            )
         ]
         layers += [
-            InvertedResidualV3(*cfg[:-1], stride, norm_layer) for cfg, stride in zip(setting, self.strides[1:])
+            InvertedResidualV3(*cfg[:-1], stride, norm_layer)
+            for cfg, stride in zip(setting, self.strides[1:])
         ]
         lastconv_input_channels = setting[-1][3]
         lastconv_output_channels = 6 * lastconv_input_channels
-        layers.append(ConvNormAct(lastconv_input_channels, lastconv_output_channels, 1, norm_layer=norm_layer,
-                                  activation_layer=nn.Hardswish))
+        layers.append(
+            ConvNormAct(
+                lastconv_input_channels,
+                lastconv_output_channels,
+                1,
+                norm_layer=norm_layer,
+                activation_layer=nn.Hardswish,
+            )
+        )
         self.features = nn.Sequential(*layers)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Sequential(
@@ -776,8 +808,10 @@ class VGG(nn.Module):
 def vgg11_bn(**kwargs: Any) -> VGG:
     """VGG-11 with BatchNorm (torchvision); strides = the 5 max-pools, default ``[2] * 5``.
 
-    Example:
-        >>> vgg11_bn(strides=[8, 2, 2, 1, 1]).features[3]
+    Example (on the meta device: no memory for its 133M parameters):
+        >>> with torch.device("meta"):
+        ...     model = vgg11_bn(strides=[8, 2, 2, 1, 1])
+        >>> model.features[3]
         MaxPool2d(kernel_size=8, stride=8, padding=0, dilation=1, ceil_mode=False)
     """
     return VGG(_VGG11, **kwargs)
@@ -798,7 +832,9 @@ class DenseLayer(nn.Module):
         self.conv1 = nn.Conv2d(num_input_features, bn_size * growth_rate, kernel_size=1, stride=1, bias=False)
         self.norm2 = nn.BatchNorm2d(bn_size * growth_rate)
         self.relu2 = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(bn_size * growth_rate, growth_rate, kernel_size=3, stride=1, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(
+            bn_size * growth_rate, growth_rate, kernel_size=3, stride=1, padding=1, bias=False
+        )
 
     def forward(self, inputs: list[Tensor]) -> Tensor:
         concated_features = torch.cat(inputs, 1)
@@ -861,8 +897,17 @@ class DenseNet(nn.Module):
         self.features = nn.Sequential(
             OrderedDict(
                 [
-                    ("conv0", nn.Conv2d(in_chans, num_init_features, kernel_size=7, stride=self.strides[0],
-                                        padding=3, bias=False)),
+                    (
+                        "conv0",
+                        nn.Conv2d(
+                            in_chans,
+                            num_init_features,
+                            kernel_size=7,
+                            stride=self.strides[0],
+                            padding=3,
+                            bias=False,
+                        ),
+                    ),
                     ("norm0", nn.BatchNorm2d(num_init_features)),
                     ("relu0", nn.ReLU(inplace=True)),
                     ("pool0", nn.MaxPool2d(kernel_size=3, stride=self.strides[1], padding=1)),

@@ -19,7 +19,7 @@ import torch.fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from memplan.capture import META_KEY, CapturedGraph, NodeMeta, target_name
+from memplan.capture import META_KEY, CapturedGraph, NodeMeta, TensorMeta, target_name
 from memplan.errors import MemplanError
 
 FORMS = ("deploy", "as-written")
@@ -155,7 +155,8 @@ def build_graph(
     gm = cg.gm
     storages: dict[int, Storage] = {}
     ops: list[Op] = []
-    op_names: dict[torch.fx.Node, str] = {}
+    # op names each node's value depends on; ops that return no tensor (x.size(0)) pass theirs on
+    dep_ops: dict[torch.fx.Node, frozenset[str]] = {}
     counted = {s for s, k in cg.storage_kind.items() if k != "param"}
 
     def scaled(nbytes: int, tensor_dtype: torch.dtype) -> int:
@@ -163,12 +164,18 @@ def build_graph(
             return nbytes
         return nbytes // torch.empty(0, dtype=tensor_dtype).element_size() * itemsize
 
+    def new_storage(tm: TensorMeta, producer: str | None, module: str) -> None:
+        storages[tm.storage] = Storage(tm.storage, scaled(tm.storage_nbytes, tm.dtype), tm.shape,
+                                       str(tm.dtype).replace("torch.", ""), producer, module,
+                                       is_input=producer is None)
+
     for n in gm.graph.nodes:
         meta = _meta(n)
+        inputs = [a for a in n.all_input_nodes if a.op != "get_attr"]
+        deps = frozenset().union(*(dep_ops.get(a, frozenset()) for a in inputs))
         if n.op == "placeholder":
             for tm in meta.outputs:
-                storages[tm.storage] = Storage(tm.storage, scaled(tm.storage_nbytes, tm.dtype), tm.shape, str(tm.dtype).replace("torch.", ""),
-                                               None, "", is_input=True)
+                new_storage(tm, None, "")
             continue
         if n.op == "output":
             for a in pytree.tree_leaves(n.args):
@@ -177,9 +184,11 @@ def build_graph(
                         if tm.storage in storages:
                             storages[tm.storage].is_output = True
             continue
-        if n.op == "get_attr" or not meta.outputs:
+        if n.op == "get_attr":
             continue
-        inputs = [a for a in n.all_input_nodes if a.op != "get_attr"]
+        if not meta.outputs:
+            dep_ops[n] = deps
+            continue
         if target_name(n, gm) == "getitem":
             reads = {tm.storage for tm in meta.outputs}
         else:
@@ -187,17 +196,15 @@ def build_graph(
         writes = []
         for tm in meta.outputs:
             if tm.storage in counted and tm.storage not in storages:
-                storages[tm.storage] = Storage(tm.storage, scaled(tm.storage_nbytes, tm.dtype), tm.shape, str(tm.dtype).replace("torch.", ""),
-                                               n.name, meta.module)
+                new_storage(tm, n.name, meta.module)
                 writes.append(tm.storage)
-        name = n.name
-        op_names[n] = name
+        dep_ops[n] = frozenset([n.name])
         ops.append(Op(
-            name=name, op=target_name(n, gm), kind=op_kind(n, gm), module=meta.module,
+            name=n.name, op=target_name(n, gm), kind=op_kind(n, gm), module=meta.module,
             reads=tuple(sorted(s for s in reads if s in storages and s not in writes)),
             writes=tuple(writes), mutates=tuple(s for s in meta.mutates if s in storages),
             out_bytes=sum(scaled(tm.nbytes, tm.dtype) for tm in meta.outputs),
-            deps=tuple(op_names[a] for a in inputs if a in op_names),
+            deps=tuple(sorted(deps)),
         ))
     g = MemGraph(ops, storages, form=form, dtype=dtype, method=cg.method, model_name=cg.model_name,
                  input_shapes=list(cg.input_shapes))

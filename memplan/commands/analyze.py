@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from memplan.analyze import analyze
+from memplan.analyze import analyze, report_from_graph
 from memplan.cli import command
 from memplan.graph import DTYPES, FORMS
 from memplan.loader import default_input, load_model, parse_shape
-from memplan.report import format_table, write_json
+from memplan.planner import plan_arena
+from memplan.report import fmt_bytes, format_table, write_json
+from memplan.schedule import best_order
 
 
 @command("analyze", "peak activation memory of a model: where, what is live, per stage")
@@ -21,23 +23,57 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inplace-elementwise", action="store_true",
                    help="also let add/mul/sub/div overwrite a same-size input nobody else reads")
     p.add_argument("--json", metavar="PATH", help="write the report as JSON ('-' = stdout)")
+    p.add_argument("--order", choices=("program", "best"), default="program",
+                   help="op order: as traced, or searched for the lowest peak (exact DP when small enough)")
+    p.add_argument("--align", type=int, default=64, metavar="BYTES", help="arena offset alignment")
     p.add_argument("--plot", metavar="PATH.png", help="draw the live-memory timeline")
+    p.add_argument("--plot-arena", metavar="PATH.png", help="draw the arena plan (offset vs step)")
     p.add_argument("--top", type=int, default=10, help="rows of the live-at-peak table")
+    p.add_argument("--ort-optimized", action="store_true",
+                   help="for FILE.onnx: analyse the graph onnxruntime runs after its fusions")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Execute ``memplan analyze``."""
-    model = load_model(args.model)
-    shape = parse_shape(args.input) if args.input else default_input(args.model)
-    report = analyze(model, shape, form=args.form, dtype=args.dtype,
-                     inplace_elementwise=args.inplace_elementwise, name=args.model)
+    if args.model.endswith(".onnx"):
+        from memplan.onnx_ort import analyze_onnx_file
+
+        report = analyze_onnx_file(args.model, ort_optimized=args.ort_optimized, input_shape=args.input,
+                                   form=args.form, dtype=args.dtype, inplace_elementwise=args.inplace_elementwise)
+    else:
+        model = load_model(args.model)
+        shape = parse_shape(args.input) if args.input else default_input(args.model)
+        report = analyze(model, shape, form=args.form, dtype=args.dtype,
+                         inplace_elementwise=args.inplace_elementwise, name=args.model)
+    notes = []
+    if args.order == "best":
+        schedule = best_order(report.graph)
+        report = report_from_graph(report.graph, order=schedule.order, param_bytes=report.param_bytes,
+                                   model=report.model)
+        report.extra.update(order_method=schedule.method, order_seconds=round(schedule.seconds, 3),
+                            program_order_peak_bytes=schedule.program_order_peak_bytes)
+        proof = "proven optimal" if schedule.method == "dp" else "best found"
+        notes.append(f"order            best: {schedule.saving:.1%} below program order ({proof}, found by "
+                     f"{schedule.source}, {schedule.seconds:.2f} s)")
+    else:
+        report.extra["order_method"] = "program"
+    plan = plan_arena(report.lifetimes, alignment=args.align)
+    report.extra.update(order=report.order, arena_bytes=plan.arena_bytes, lower_bound_bytes=plan.lower_bound_bytes,
+                        arena_ratio=round(plan.ratio, 6), arena_strategy=plan.strategy, alignment=plan.alignment)
+    notes.append(f"arena / LB       {plan.ratio:.4f}  (LB {fmt_bytes(plan.lower_bound_bytes)} with sizes aligned "
+                 f"to {plan.alignment} B; {plan.strategy})")
     if args.json != "-":
         print(format_table(report, top=args.top))
+        print("\n".join(notes))
     if args.json:
         write_json(report.to_json(), args.json)
     if args.plot:
         from memplan.plot import plot_timeline
 
         plot_timeline(report, args.plot)
+    if args.plot_arena:
+        from memplan.plot import plot_arena
+
+        plot_arena(report, plan, args.plot_arena)
     return 0

@@ -41,9 +41,9 @@ class REDBlock(nn.Module):
         self.body_act = nn.ReLU6()
 
     def forward(self, x: Tensor) -> Tensor:
-        gate = self.gate_act(self.gate_bn(self.gate_conv(x)))
-        body = self.body_act(self.body_bn(self.body_conv(x)))
-        return x * gate + body
+        # gate first: its map dies at the multiply, before the body branch allocates (3 maps live, not 4)
+        gated = x * self.gate_act(self.gate_bn(self.gate_conv(x)))
+        return gated + self.body_act(self.body_bn(self.body_conv(x)))
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}"

@@ -1,0 +1,167 @@
+"""``memplan student MODEL``: derive an aggressive-pooling student (DESIGN §3) and report its memory.
+
+Prints teacher vs student deploy-form peak and ratio, the changed strides, the stage map and the
+peak with the RED blocks distillation attaches (DESIGN §4); ``--out DIR`` writes ``recipe.json`` and
+``student.pt`` (the student's state_dict); ``--recipe`` re-applies a saved recipe.
+
+Example:
+    $ memplan student zoo:resnet18 --factor 4 --out runs/r18-k4
+    $ memplan student zoo:resnet50 --budget 2.5MiB --json -
+    $ memplan student --recipe runs/r18-k4/recipe.json zoo:resnet18
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from memplan.analyze import analyze
+from memplan.cli import command
+from memplan.errors import MemplanError
+from memplan.loader import default_input, load_model, parse_shape
+from memplan.report import fmt_bytes, write_json
+from passes import (
+    ABSORB,
+    PLACEMENTS,
+    POOLS,
+    Recipe,
+    Student,
+    aggressive_pool,
+    apply_recipe,
+    attach_red,
+    fit_budget,
+)
+
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kib": 2**10, "kb": 10**3, "m": 2**20, "mib": 2**20, "mb": 10**6,
+          "g": 2**30, "gib": 2**30, "gb": 10**9}
+
+
+def parse_bytes(text: str) -> int:
+    """Parse a memory size: ``512KiB``, ``1.5MiB``, ``800000``, ``2MB`` (K/M/G alone are binary).
+
+    >>> parse_bytes("512KiB"), parse_bytes("1.5MiB"), parse_bytes("800,000"), parse_bytes("2 MB")
+    (524288, 1572864, 800000, 2000000)
+    """
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*", text.replace(",", "").replace("_", ""))
+    if not match or match.group(2).lower() not in _UNITS:
+        raise MemplanError(f"bad memory size '{text}': use bytes or a unit, e.g. 800000, 512KiB, 1.5MiB, 2MB")
+    value = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    if value < 1:
+        raise MemplanError(f"bad memory size '{text}': must be at least 1 byte")
+    return value
+
+
+@command("student", "derive an aggressive-pooling student: teacher vs student peak, strides, stage map, RED")
+def configure(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``memplan student``."""
+    p.add_argument("model", help="zoo:NAME, torchvision:NAME, timm:NAME, FILE.py:CALLABLE or pkg.module:CALLABLE")
+    p.add_argument("--input", help="input shape, e.g. 1,3,224,224 (default: the model's, or the recipe's)")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--factor", type=int, help="k: the stem downsamples k times more (2, 4 or 8)")
+    how.add_argument("--budget", help="pick the least aggressive student whose deployed peak (with RED blocks) "
+                                      "fits, e.g. 512KiB, 1.5MiB, 800000")
+    how.add_argument("--recipe", metavar="PATH", help="re-apply a recipe.json written by --out")
+    p.add_argument("--pool", choices=POOLS, default="stride",
+                   help="stride: larger stem stride; max/avg: insert a pool after the stem")
+    p.add_argument("--absorb", choices=ABSORB, default="stem",
+                   help="where k is taken out again: stem pools first (paper), or latest levels first")
+    p.add_argument("--placement", choices=PLACEMENTS, default="input+output",
+                   help="RED blocks counted in the peak (--budget chooses it itself)")
+    p.add_argument("--no-red", action="store_true", help="with --budget: do not count RED blocks")
+    p.add_argument("--out", metavar="DIR", help="write DIR/recipe.json and DIR/student.pt (state_dict)")
+    p.add_argument("--json", metavar="PATH", help="write the summary as JSON ('-' = stdout)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Execute ``memplan student``."""
+    model = load_model(args.model)
+    recipe = Recipe.load(args.recipe) if args.recipe else None
+    shape = parse_shape(args.input) if args.input else recipe.input_shape if recipe else default_input(args.model)
+    x = torch.empty(shape, device="meta")
+    placement, budget = args.placement, None
+    if args.budget is not None:
+        budget = parse_bytes(args.budget)
+        fit = fit_budget(model, x, budget, with_red=not args.no_red, pool=args.pool)
+        student, placement = fit.student, fit.placement or placement
+    elif recipe is not None:
+        student = apply_recipe(model, recipe, x)
+    else:
+        student = aggressive_pool(model, x, args.factor, args.pool, args.absorb)
+    red = attach_red(student.module, student.stage_map, placement)
+    doc = {
+        "model": args.model,
+        "input_shape": list(shape),
+        "teacher_peak_bytes": analyze(model, x).peak_bytes,
+        "student_peak_bytes": student.peak_bytes,
+        "student_with_red_peak_bytes": analyze(red, x).peak_bytes,
+        "factor": student.recipe.factor,
+        "pool": student.recipe.pool,
+        "absorb": student.recipe.absorb,
+        "red_placement": placement,
+        "red_blocks": len(red.red_points),
+        "budget_bytes": budget,
+        "strides": [{"level": s.label, "teacher": s.teacher, "student": s.student} for s in student.strides],
+        "changes": [c.to_json() for c in student.recipe.changes],
+        "stage_map": student.stage_map.to_json(),
+        "weights": student.transfer.summary(),
+    }
+    written = _write(student, args.out) if args.out else []
+    if args.json != "-":
+        print(_format(doc, student, written))
+    if args.json:
+        write_json(doc, args.json)
+    return 0
+
+
+def _write(student: Student, out: str) -> list[str]:
+    path = Path(out)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        student.recipe.save(path / "recipe.json")
+        torch.save(student.module.state_dict(), path / "student.pt")
+    except OSError as e:
+        raise MemplanError(f"cannot write to '{out}': {e}") from e
+    return [str(path / "recipe.json"), str(path / "student.pt")]
+
+
+def _peak(n: int, teacher: int) -> str:
+    return f"{fmt_bytes(n):>12} ({n:,} bytes)  {teacher / n:.2f}x lower than the teacher"
+
+
+def _format(doc: dict[str, Any], student: Student, written: list[str]) -> str:
+    teacher = doc["teacher_peak_bytes"]
+    lines = [
+        f"model            {doc['model']}  input {'x'.join(map(str, doc['input_shape']))}  deploy form",
+        f"teacher peak     {fmt_bytes(teacher):>12} ({teacher:,} bytes)",
+        f"student peak     {_peak(doc['student_peak_bytes'], teacher)}",
+        f"  + RED blocks   {_peak(doc['student_with_red_peak_bytes'], teacher)}  "
+        f"[{doc['red_blocks']} blocks, {doc['red_placement']}]",
+        f"recipe           factor {doc['factor']}, pool {doc['pool']}, absorb {doc['absorb']}",
+    ]
+    if doc["budget_bytes"] is not None:
+        lines.append(f"budget           {fmt_bytes(doc['budget_bytes'])} ({doc['budget_bytes']:,} bytes): least "
+                     "aggressive fitting student")
+    lines += ["", "downsampling levels (stride teacher -> student):"]
+    lines += [f"  {s.label:<28} {s.teacher} -> {s.student}{'' if s.teacher == s.student else '  *'}"
+              for s in student.strides]
+    lines += ["", "changes:"] + [f"  {c.describe()}" for c in student.recipe.changes]
+    if not student.recipe.changes:
+        lines.append("  none")
+    lines += ["", "stage map (RED block on student point  <-  teacher point of equal size):"]
+    for p in student.stage_map.pairs:
+        size = "x".join(map(str, p.size))
+        lines.append(f"  stage {p.stage:<2} {p.position:<7} {p.student:<24} {p.channels:>5}x{size:<9} <- "
+                     f"{p.teacher:<24} {p.teacher_channels:>5}x{size}")
+    if not student.stage_map.pairs:
+        lines.append("  none (no feature map shrank)")
+    if student.stage_map.unmatched:
+        lines.append(f"  no teacher map of equal size for: {', '.join(student.stage_map.unmatched)}")
+    lines += ["", f"weights          {doc['weights']}"]
+    if written:
+        lines.append(f"wrote            {', '.join(written)}")
+    return "\n".join(lines)

@@ -1,0 +1,47 @@
+"""Graph rewrites on traced CNNs: aggressive-pooling students (DESIGN §3), RED attachment (§4), budgets.
+
+Example:
+    >>> import torch
+    >>> from memplan.zoo import create_model
+    >>> import passes
+    >>> s = passes.aggressive_pool(create_model("resnet18"), torch.empty(1, 3, 224, 224), factor=4)
+    >>> s.peak_bytes, [lv.student for lv in s.strides]
+    (802816, [8, 1, 2, 2, 1])
+"""
+
+from passes.aggressive_pool import (
+    ABSORB,
+    POOLS,
+    InsertPool,
+    LevelStride,
+    Recipe,
+    Restride,
+    StageMap,
+    StagePair,
+    Student,
+    WeightTransfer,
+    aggressive_pool,
+    apply_recipe,
+    build_student,
+    plan_student,
+    transfer_weights,
+)
+from passes.attach_red import PLACEMENTS, attach_red
+from passes.budget import BudgetError, BudgetFit, Candidate, fit_budget
+from passes.downsampling import (
+    AbsorbError,
+    DownsamplingAnalysis,
+    Geometry,
+    Level,
+    PassError,
+    Point,
+    Stem,
+    analyze_downsampling,
+)
+
+__all__ = [
+    "ABSORB", "PLACEMENTS", "POOLS", "AbsorbError", "BudgetError", "BudgetFit", "Candidate", "DownsamplingAnalysis",
+    "Geometry", "InsertPool", "Level", "LevelStride", "PassError", "Point", "Recipe", "Restride", "StageMap",
+    "StagePair", "Stem", "Student", "WeightTransfer", "aggressive_pool", "analyze_downsampling", "apply_recipe",
+    "attach_red", "build_student", "fit_budget", "plan_student", "transfer_weights",
+]

@@ -37,9 +37,8 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 from torch.utils import _pytree as pytree
 
 from memplan.capture import META_KEY, capture
-from memplan.errors import MemplanError
+from memplan.errors import MemplanError, describe_error
 from memplan.graph import op_kind
-from memplan.onnx_frontend import describe_error
 
 __all__ = ["RUN_LAYOUT", "ExportResult", "ParityCheck", "export_onnx", "fold_batchnorm", "load_run"]
 
@@ -126,7 +125,7 @@ def fold_batchnorm(
     """
     folded = copy.deepcopy(model).eval()
     gm, module_of = _traced(folded, _as_tuple(example_inputs))
-    calls = Counter(module_of.values())
+    calls = Counter(path for n, path in module_of.items() if op_kind(n, gm) in ("conv", "linear", "bn"))
     modules = dict(folded.named_modules())
     pairs: list[tuple[str, str]] = []
     for n in gm.graph.nodes:
@@ -197,6 +196,11 @@ def _export(
                 verbose=False,
                 dynamic_shapes=tuple({0: "batch"} for _ in args) if dynamic_batch else None,
             )
+            got = next(
+                (o.version for o in program.model_proto.opset_import if o.domain in ("", "ai.onnx")), 0
+            )
+            if opset is not None and got != opset:
+                raise RuntimeError(f"it produced opset {got}, not the requested {opset}")
             program.save(str(tmp), external_data=False)
         return "dynamo", []
     except Exception as e:  # noqa: BLE001 - any exporter failure triggers the documented fallback
@@ -247,6 +251,8 @@ def _batches_of(real: torch.Tensor, batch: int | None) -> list[tuple[torch.Tenso
     """Split real samples into model inputs: chunks of the exported (static) batch, else one batch."""
     if batch is None:
         return [(real,)]
+    if real.shape[0] < batch:
+        raise MemplanError(f"{real.shape[0]} real sample(s) do not fill one batch of {batch}")
     return [(real[i : i + batch],) for i in range(0, real.shape[0] - batch + 1, batch)]
 
 
@@ -289,8 +295,9 @@ def export_onnx(
         tmp = Path(tmp_name)
         try:
             exporter, notes = _export(folded, tuple(a.detach() for a in args), tmp, opset, dynamic_batch)
+            proto = onnx.load(str(tmp))
             try:
-                onnx.checker.check_model(str(tmp), full_check=True)
+                onnx.checker.check_model(proto, full_check=True)
             except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
                 raise MemplanError(f"exported model fails onnx.checker: {describe_error(e)}") from e
             session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
@@ -315,14 +322,7 @@ def export_onnx(
                     f"({', '.join(f'{p.inputs} {p.max_abs_diff:.3g}' for p in parity)}); "
                     f"{path} not written"
                 )
-            opset_used = next(
-                (
-                    o.version
-                    for o in onnx.load(str(tmp), load_external_data=False).opset_import
-                    if o.domain in ("", "ai.onnx")
-                ),
-                0,
-            )
+            opset_used = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)

@@ -16,7 +16,7 @@ from memplan.schedule import best_order
 @command("analyze", "peak activation memory of a model: where, what is live, per stage")
 def configure(p: argparse.ArgumentParser) -> None:
     """Arguments of ``memplan analyze``."""
-    p.add_argument("model", help="zoo:NAME, torchvision:NAME, timm:NAME, FILE.py:CALLABLE or pkg.module:CALLABLE")
+    p.add_argument("model", help="zoo:NAME, torchvision:NAME, timm:NAME, FILE.py:CALLABLE, pkg.module:CALLABLE or FILE.onnx")
     p.add_argument("--input", default=None, help="input shape, e.g. 1,3,224,224")
     p.add_argument("--form", choices=FORMS, default="deploy")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")

@@ -25,7 +25,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils import _pytree as pytree
 
-from memplan.errors import CaptureError
+from memplan.errors import CaptureError, describe_error
 
 META_KEY = "memplan"
 
@@ -159,11 +159,6 @@ class _PathTracer(torch.fx.Tracer):
         return out
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"
-
-
 def _drop_dead_effects(gm: torch.fx.GraphModule) -> None:
     """Remove nodes without users whose outputs hold no tensors (torch.export's guard calls)."""
     for n in list(gm.graph.nodes):
@@ -207,7 +202,7 @@ def capture(
             return _propagate(gm, "fx", inputs, name)
         except Exception as e:  # noqa: BLE001 - any tracing failure triggers the fallback
             where = tracer.path_stack[-1] if tracer.path_stack else ""
-            errors.append(f"torch.fx failed in {name}{'.' + where if where else ''} ({_first_line(e)})")
+            errors.append(f"torch.fx failed in {name}{'.' + where if where else ''} ({describe_error(e)})")
     if method in ("auto", "export"):
         try:
             real = [torch.zeros(t.shape, dtype=t.dtype) for t in inputs]
@@ -220,7 +215,7 @@ def capture(
             gm = ep.module()
             return _propagate(gm, "export", inputs, name)
         except Exception as e:  # noqa: BLE001
-            errors.append(f"torch.export failed ({_first_line(e)})")
+            errors.append(f"torch.export failed ({describe_error(e)})")
     raise CaptureError(f"cannot capture model {name}: " + "; ".join(errors))
 
 

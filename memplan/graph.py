@@ -208,6 +208,14 @@ def build_graph(
         ))
     g = MemGraph(ops, storages, form=form, dtype=dtype, method=cg.method, model_name=cg.model_name,
                  input_shapes=list(cg.input_shapes))
+    return apply_form(g, form, inplace_elementwise)
+
+
+def apply_form(g: MemGraph, form: str, inplace_elementwise: bool = False) -> MemGraph:
+    """Merge storages of ``g`` (built with no merges) by the rules of ``form``; returns ``g``.
+
+    Frontends (torch.fx, ONNX) build the raw IR and call this, so every frontend shares the rules.
+    """
     rules = dict(FORM_RULES[form])
     if inplace_elementwise:
         rules["eltwise"] = _rule_inplace_eltwise

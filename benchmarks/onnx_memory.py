@@ -40,6 +40,7 @@ VARIANTS = ("teacher", "student", "student+red")
 
 
 def build(name: str, variant: str, shape: tuple[int, ...]) -> torch.nn.Module:
+    torch.manual_seed(0)  # the same random weights (and parity input) on every run
     model = create_model(name).eval()
     if variant == "teacher":
         return model
@@ -51,7 +52,9 @@ def measure_one(name: str, variant: str, size: int, runs: int, tmp: Path) -> dic
     shape = (1, 3, size, size)
     model = build(name, variant, shape)
     path = tmp / f"{name}-{variant}-{size}.onnx"
-    export = export_onnx(model, torch.randn(shape), path, random_samples=1)
+    # random-weight ResNet-50 logits reach ~1e2 at 512 px; fp32 summation order then differs by ~1e-4, so the
+    # benchmark (which measures memory, not parity) allows 1e-3 and records the difference it saw
+    export = export_onnx(model, torch.randn(shape), path, random_samples=1, tolerance=1e-3)
     row = {"model": name, "variant": variant, "size": size,
            "theory_deploy_bytes": analyze(model, shape).peak_bytes,
            "theory_ort_graph_bytes": analyze_ort_optimized(path).peak_bytes,

@@ -7,6 +7,10 @@ full-intensity, whole object among partial, dimmer distractors — exactly the s
 aggressive-pooling student (DESIGN §3) throws away, so the teacher-student gap is large, unlike
 on plain 28×28 Fashion-MNIST (DESIGN §5).
 
+Calibrated regime (Fashion-MNIST, ``canvas=96, clutter=2, scale=(2, 2)``, 20k balanced training
+images, 8 epochs, zoo ``resnet10_narrow``): teacher ≈ 85.7% test accuracy, its k=4 student
+(``strides=[8, 1, 1, 2, 2, 1]``) ≈ 78.9%, k=8 (``[16, 1, 1, 2, 1, 1]``) ≈ 66%.
+
 Everything is drawn up front from one ``torch.Generator`` seeded with ``seed`` and rendered in
 chunks with batched matrix products (separable resampling, no Python loop over images): the
 result depends only on the inputs and the parameters, not on the chunk size or thread count.
@@ -37,19 +41,20 @@ __all__ = ["make_canvas_dataset"]
 def _weights(out_size: int, src_size: int, scale: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
     """Per-sample 1-D resampling matrices ``(B, out_size, src_size)`` into a box at the origin.
 
-    Output pixel ``i`` of sample ``b`` reads source coordinate ``u = (i + 0.5) / scale[b] - 0.5 + lo[b]``
-    with a tent (bilinear) kernel, widened by ``1 / scale`` when shrinking (antialiasing). Source
-    pixels outside ``[lo, hi)`` weigh 0, so the sample sees only that crop window (zero elsewhere).
-    Scale 1 gives exact 0/1 weights: a pixel-exact copy.
+    Output pixel ``i < round((hi - lo) * scale)`` of sample ``b`` reads source coordinate
+    ``u = (i + 0.5) / scale[b] - 0.5 + lo[b]``, clamped into the crop window ``[lo, hi - 1]`` (as
+    ``F.interpolate(align_corners=False)``), with a tent (bilinear) kernel widened by ``1 / scale``
+    when shrinking (antialiasing); source pixels outside the window weigh 0, later output pixels
+    are 0. Scale 1 gives exact 0/1 weights: a pixel-exact copy.
     """
-    i = torch.arange(out_size, dtype=torch.float32)
+    i = torch.arange(out_size, dtype=torch.float32)[None, :, None]
     y = torch.arange(src_size, dtype=torch.float32)[None, None, :]
     s = scale.to(torch.float32)[:, None, None]
     lo, hi = lo.to(torch.float32)[:, None, None], hi.to(torch.float32)[:, None, None]
-    u = (i[None, :, None] + 0.5) / s - 0.5 + lo
+    u = torch.minimum(torch.maximum((i + 0.5) / s - 0.5 + lo, lo), hi - 1)
     shrink = torch.clamp(s, max=1.0)
     w = (y - u).abs_().mul_(shrink).neg_().add_(1.0).clamp_(min=0.0).mul_(shrink)
-    return w.mul_((y >= lo) & (y < hi))
+    return w.mul_((y >= lo) & (y < hi) & (i < torch.round((hi - lo) * s)))
 
 
 def _paste(canvas: Tensor, patch: Tensor, top: Tensor, left: Tensor, mode: str) -> None:
@@ -159,9 +164,8 @@ def make_canvas_dataset(
 
     out = torch.empty(n, 1, canvas, canvas, dtype=torch.uint8)
     src = images.to(torch.float32)
-    # Boxes one or two pixels larger than the nominal size catch bilinear/antialiasing edge spill.
-    item_box = math.ceil(max(h, w) * scale[1]) + 2
-    frag_box = math.ceil(max(clutter_size[1], 1) * scale[1]) + 2
+    item_box = max(1, math.ceil(max(h, w) * scale[1]))
+    frag_box = max(1, math.ceil(clutter_size[1] * scale[1]))
     zeros = torch.zeros(n, dtype=torch.float64)
     for start in range(0, n, chunk):
         b = slice(start, min(start + chunk, n))

@@ -4,8 +4,9 @@ The torchvision families (``resnet18``, ``resnet34``, ``resnet50``, ``resnext50_
 ``mobilenet_v2``, ``mobilenet_v3_small``, ``vgg11_bn``, ``densenet121``) have the same module names,
 ``state_dict`` keys and shapes and forward semantics as torchvision >= 0.13 (in-place ReLUs,
 ``out += identity``, ``torch.flatten(x, 1)``...), so torchvision checkpoints load unchanged. Small-image
-variants (``resnet18_small``, ``resnet_tiny``, ``mobilenet_v2_small``, ``densenet_small``,
-``unet_small``) serve 28–128 px data and fast tests.
+variants (``resnet18_small``, ``resnet_tiny``, ``resnet10_narrow``, ``mobilenet_v2_small``,
+``densenet_small``, ``unet_small``) serve 28–128 px data and fast tests. ResNets also take ``widths``
+(channels per layer; the stem's is ``widths[0]``), kept as their ``widths`` attribute.
 
 Every constructor takes ``num_classes``, ``in_chans`` and ``strides``: the list of the network's
 downsampling points in forward order (DESIGN §3). An aggressive-pool student is the same constructor
@@ -119,7 +120,7 @@ def list_models() -> list[str]:
 
     Example:
         >>> [n for n in list_models() if n.startswith("resnet")]
-        ['resnet18', 'resnet18_small', 'resnet34', 'resnet50', 'resnet_tiny']
+        ['resnet10_narrow', 'resnet18', 'resnet18_small', 'resnet34', 'resnet50', 'resnet_tiny']
     """
     return sorted(_REGISTRY)
 
@@ -157,17 +158,24 @@ def default_input(name: str) -> tuple[int, ...]:
 
 
 def _resolve_strides(
-    arch: str, strides: Sequence[int] | None, default: Sequence[int], labels: Sequence[str]
+    arch: str,
+    strides: Sequence[int] | None,
+    default: Sequence[int],
+    labels: Sequence[str],
+    what: str = "strides",
 ) -> tuple[int, ...]:
-    """``strides`` (or ``default`` when None) checked against one entry per label in ``labels``."""
+    """``strides`` (or ``default`` when None) checked against one entry per label in ``labels``.
+
+    ``what`` names the argument in the error messages (also used for ResNet ``widths``).
+    """
     resolved = tuple(default if strides is None else strides)
     if len(resolved) != len(labels):
         raise ZooError(
-            f"{arch}: strides needs {len(labels)} entries [{', '.join(labels)}], "
+            f"{arch}: {what} needs {len(labels)} entries [{', '.join(labels)}], "
             f"got {len(resolved)}: {list(resolved)}"
         )
     if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in resolved):
-        raise ZooError(f"{arch}: strides must be positive integers, got {list(resolved)}")
+        raise ZooError(f"{arch}: {what} must be positive integers, got {list(resolved)}")
     return resolved
 
 
@@ -323,6 +331,11 @@ class Bottleneck(nn.Module):
 class ResNet(nn.Module):
     """torchvision's ResNet with a configurable stem, stage widths and stride list.
 
+    ``widths`` = the channel count ("planes") of each layer, the stem's width being ``widths[0]``;
+    default ``64 * 2**i`` per layer (torchvision's 64/128/256/512), kept as the ``widths`` attribute
+    (a tuple). A wrong length or a non-positive entry raises :class:`ZooError` like ``strides``.
+    Bottleneck layers output ``4 * widths[i]`` channels, as in torchvision.
+
     ``strides`` = [conv1, maxpool, layer1, ..., layerN]; default ``[2, 2, 1, 2, 2, 2]`` for the
     ImageNet stem and ``[1, 1, 1, 2, 2, 2]`` for the small stem. A layer's stride goes on its first
     block (``conv1`` of a BasicBlock, ``conv2`` of a Bottleneck) and on that block's 1×1
@@ -343,7 +356,7 @@ class ResNet(nn.Module):
         block: type[BasicBlock] | type[Bottleneck],
         layers: Sequence[int],
         *,
-        widths: Sequence[int] = (64, 128, 256, 512),
+        widths: Sequence[int] | None = None,
         num_classes: int = 1000,
         in_chans: int = 3,
         strides: Sequence[int] | None = None,
@@ -352,9 +365,10 @@ class ResNet(nn.Module):
         width_per_group: int = 64,
     ) -> None:
         super().__init__()
-        if len(widths) != len(layers):
-            raise ZooError(f"resnet: {len(layers)} layers need {len(layers)} widths, got {list(widths)}")
         labels = ["conv1", "maxpool"] + [f"layer{i + 1}" for i in range(len(layers))]
+        self.widths = widths = _resolve_strides(
+            "resnet", widths, [64 * 2**i for i in range(len(layers))], labels[2:], what="widths"
+        )
         stem_default = {"imagenet": [2, 2], "small": [1, 1]}
         if stem not in stem_default:
             raise ZooError(f"resnet: stem must be 'imagenet' or 'small', got {stem!r}")
@@ -479,6 +493,23 @@ def resnet_tiny(**kwargs: Any) -> ResNet:
     """
     defaults = {"widths": (16, 32, 64), "stem": "small", "in_chans": 1, "num_classes": 10}
     return ResNet(BasicBlock, (2, 2, 2), **{**defaults, **kwargs})
+
+
+@register_model(default_input=(1, 3, 96, 96))
+def resnet10_narrow(**kwargs: Any) -> ResNet:
+    """A CPU-trainable ImageNet-style ResNet for 96 px (STL10-sized) data: BasicBlock (1, 1, 1, 1),
+    widths 16/32/64/128, 10 classes by default.
+
+    The ImageNet stem (7×7 stride-2 ``conv1``, 3×3 stride-2 ``maxpool``) and default strides
+    [conv1, maxpool, layer1..4] = [2, 2, 1, 2, 2, 2] (96 → 48/24/24/12/6/3 px). The k=4 student is
+    ``strides=[8, 1, 1, 2, 2, 1]`` (as ReDistill's ResNet18), k=8 ``[16, 1, 1, 2, 1, 1]``. With
+    ``in_chans=1`` it is the teacher of the Fashion-MNIST canvas benchmark (``distill.canvas``).
+
+    Example:
+        >>> resnet10_narrow(in_chans=1, strides=[8, 1, 1, 2, 2, 1]).eval()(torch.zeros(1, 1, 96, 96)).shape
+        torch.Size([1, 10])
+    """
+    return ResNet(BasicBlock, (1, 1, 1, 1), **{"widths": (16, 32, 64, 128), "num_classes": 10, **kwargs})
 
 
 # --------------------------------------------------------------------------------------------------

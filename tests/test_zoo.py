@@ -55,6 +55,7 @@ def test_registry_lists_expected_models():
         "resnet34",
         "resnet18_small",
         "resnet_tiny",
+        "resnet10_narrow",
         "mobilenet_v2_small",
         "densenet_small",
         "unet_small",
@@ -128,6 +129,8 @@ def test_redistill_resnet18_student_shapes():
         ("densenet_small", [2, 8, 2, 1, 1], "features"),
         ("resnet18_small", [1, 4, 1, 1, 1, 2], "layer4"),
         ("resnet_tiny", [1, 4, 1, 1, 1], "layer3"),
+        ("resnet10_narrow", [8, 1, 1, 2, 2, 1], "layer4"),
+        ("resnet10_narrow", [16, 1, 1, 2, 1, 1], "layer4"),
         ("mobilenet_v2_small", [4, 1, 1, 1, 2, 1, 1, 1], "features"),
     ],
 )
@@ -138,6 +141,45 @@ def test_k4_students_keep_final_feature_map(name, student_strides, feature_modul
     student = _spatial_sizes(student_model, x, [feature_module])
     assert student == teacher
     assert student_model.strides == tuple(student_strides)
+
+
+def test_resnet_widths_default_and_custom():
+    assert _meta_model("resnet18").widths == (64, 128, 256, 512)
+    assert _meta_model("resnet_tiny").widths == (16, 32, 64)
+    model = _meta_model("resnet18", widths=[8, 16, 24, 32], in_chans=1, num_classes=10)
+    assert model.widths == (8, 16, 24, 32)
+    assert model.conv1.out_channels == model.bn1.num_features == 8
+    assert [model.get_submodule(f"layer{i}")[-1].conv2.out_channels for i in (1, 2, 3, 4)] == [8, 16, 24, 32]
+    assert model.fc.in_features == 32
+    assert model.layer1[0].downsample is None  # stem width = widths[0]: no projection needed
+    bottleneck = _meta_model("resnet50", widths=[4, 8, 16, 32])
+    assert bottleneck.conv1.out_channels == 4 and bottleneck.fc.in_features == 128
+    # Module names and state_dict keys do not depend on the widths.
+    assert list(model.state_dict()) == list(_meta_model("resnet18").state_dict())
+
+
+def test_resnet_widths_validated_like_strides():
+    with pytest.raises(
+        zoo.ZooError, match=r"resnet: widths needs 4 entries \[layer1, layer2, layer3, layer4\], got 2"
+    ):
+        zoo.create_model("resnet18", widths=[8, 16])
+    with pytest.raises(ValueError, match="widths must be positive integers"):
+        zoo.create_model("resnet18", widths=[8, 0, 16, 32])
+    with pytest.raises(ValueError, match="widths must be positive integers"):
+        zoo.create_model("resnet_tiny", widths=[8, 16.0, 32])
+
+
+def test_narrow_imagenet_stem_resnet_student_on_96px():
+    x = torch.randn(1, 1, 96, 96, device="meta")
+    assert zoo.default_input("resnet10_narrow") == (1, 3, 96, 96)
+    teacher = _meta_model("resnet10_narrow", in_chans=1)
+    assert teacher.widths == (16, 32, 64, 128) and teacher.fc.out_features == 10
+    assert [len(teacher.get_submodule(f"layer{i}")) for i in (1, 2, 3, 4)] == [1, 1, 1, 1]
+    student = _meta_model("resnet10_narrow", in_chans=1, strides=[8, 1, 1, 2, 2, 1])
+    names = ["conv1", "layer1", "layer4"]
+    assert _spatial_sizes(teacher, x, names) == {"conv1": (48, 48), "layer1": (24, 24), "layer4": (3, 3)}
+    assert _spatial_sizes(student, x, names) == {"conv1": (12, 12), "layer1": (12, 12), "layer4": (3, 3)}
+    student.load_state_dict(teacher.state_dict())
 
 
 def test_small_stem_and_pool_conventions():

@@ -4,9 +4,16 @@
 
 - ``digits``: scikit-learn's 1,797 8x8 digits, fixed stratified 80/20 train/test split.
 - ``fashion-mnist[:DIR]``: the four IDX ``.gz`` files (default DIR /usr/share/datasets/fashion-mnist).
+- ``fashion-mnist-canvas[:DIR][,key=value...]``: the same items, each pasted at a random position
+  of a larger canvas among dimmer clutter fragments (``distill.canvas.make_canvas_dataset``); the
+  options are that function's keywords (``canvas=96,clutter=4,scale=1-1,clutter_size=8-16,
+  clutter_intensity=0.3-0.6,seed=0``; a range is ``lo-hi``). Train canvases use the canvas ``seed``, test
+  canvases ``seed + 1``; all 70k are rendered at load (a few seconds).
 - ``cifar10:DIR`` / ``cifar100:DIR``: python pickle batches (``DIR/cifar-10-batches-py`` or DIR).
 - ``stl10:DIR``: ``train_X.bin`` ... ``test_y.bin`` (``DIR/stl10_binary`` or DIR), labelled splits.
 - ``imagefolder:DIR``: ``DIR/train/<class>/*.png|jpg`` and ``DIR/test`` (or ``DIR/val``), via Pillow.
+
+A format may take options: ``,key=value`` items after the name (and DIR), typed by their defaults.
 
 A seeded, class-balanced validation split is carved from the training images; ``train_subset``
 keeps a seeded, class-balanced subset of the rest; the test split is untouched. Conversion to
@@ -24,11 +31,13 @@ torch.Size([4, 1, 8, 8])
 from __future__ import annotations
 
 import gzip
+import inspect
 import io
 import pickle
+import re
 import struct
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -143,7 +152,7 @@ class RawSplits:
     class_names: tuple[str, ...]
 
 
-Loader = Callable[[Path, "tuple[int, int] | None"], RawSplits]
+Loader = Callable[..., RawSplits]
 
 
 @dataclass(frozen=True)
@@ -151,7 +160,8 @@ class DataFormat:
     """A registered format: its loader and per-dataset preprocessing defaults.
 
     ``mean``/``std`` None: computed from the training portion. ``crop_padding`` None: size // 8.
-    ``default_dir`` None with ``takes_dir``: a directory must be given.
+    ``default_dir`` None with ``takes_dir``: a directory must be given. ``options``: keyword
+    defaults the loader takes after ``(dir, size)``; spec values are parsed to the default's type.
     """
 
     load: Loader
@@ -161,6 +171,7 @@ class DataFormat:
     crop_padding: int | None = None
     takes_dir: bool = True
     default_dir: str | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
 
 
 FORMATS: dict[str, DataFormat] = {}
@@ -175,13 +186,19 @@ def register_format(
     crop_padding: int | None = None,
     takes_dir: bool = True,
     default_dir: str | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> Callable[[Loader], Loader]:
-    """Decorator registering ``loader(dir, image_size) -> RawSplits`` as format ``name``."""
+    """Decorator registering ``loader(dir, image_size, **options) -> RawSplits`` as format ``name``.
+
+    ``options`` maps option names to defaults (int, float, str or a ``(lo, hi)`` pair).
+    """
 
     def add(loader: Loader) -> Loader:
         if name in FORMATS:
             raise ValueError(f"data format {name!r} is already registered")
-        FORMATS[name] = DataFormat(loader, mean, std, hflip, crop_padding, takes_dir, default_dir)
+        FORMATS[name] = DataFormat(
+            loader, mean, std, hflip, crop_padding, takes_dir, default_dir, dict(options or {})
+        )
         return loader
 
     return add
@@ -195,17 +212,23 @@ def load_data(
     seed: int = 0,
     image_size: int | None = None,
 ) -> DataBundle:
-    """Load ``spec`` (``name[:DIR]``) with a seeded validation split and optional training subset.
+    """Load ``spec`` (``name[:DIR][,key=value...]``) with a seeded validation split and optional subset.
 
     ``image_size`` resizes to a square ``image_size`` (per batch; at decode time for imagefolder).
 
     >>> load_data("digits", train_subset=100).train.labels.bincount().tolist()
     [10, 10, 10, 10, 10, 10, 10, 10, 10, 10]
     """
-    name, _, directory = spec.partition(":")
+    name = re.split("[:,]", spec, maxsplit=1)[0]
     if name not in FORMATS:
         raise ValueError(f"unknown data format {name!r}; registered: {', '.join(sorted(FORMATS))}")
     fmt = FORMATS[name]
+    rest = spec[len(name) :]
+    if not fmt.options and rest.startswith(","):
+        raise ValueError(f"data format {name!r} takes no options, got {rest[1:]!r}")
+    directory, *items = rest.split(",") if fmt.options else [rest]  # without options a DIR may hold commas
+    directory = directory.removeprefix(":")
+    options = _parse_options(name, fmt.options, items)
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     if directory and not fmt.takes_dir:
@@ -214,7 +237,7 @@ def load_data(
     if fmt.takes_dir and not directory:
         raise ValueError(f"data format {name!r} needs a directory: '{name}:DIR'")
     size = (image_size, image_size) if image_size else None
-    raw = fmt.load(Path(directory), size)
+    raw = fmt.load(Path(directory), size, **options)
     num_classes = len(raw.class_names)
     for split, labels in (("train", raw.train_labels), ("test", raw.test_labels)):
         if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
@@ -226,8 +249,7 @@ def load_data(
         train_idx = train_idx[_balanced_subset(raw.train_labels[train_idx], train_subset, rng)]
     train_images = torch.from_numpy(np.ascontiguousarray(raw.train_images[train_idx]))
     if fmt.mean is None or fmt.std is None:
-        pixels = train_images.transpose(0, 1).flatten(1).to(torch.float64) / 255.0
-        mean, std = tuple(pixels.mean(1).tolist()), tuple(pixels.std(1).tolist())
+        mean, std = _channel_stats(train_images)
     else:
         mean, std = fmt.mean, fmt.std
     native = tuple(raw.train_images.shape[2:])
@@ -246,6 +268,43 @@ def load_data(
         crop_padding=input_size[0] // 8 if fmt.crop_padding is None else fmt.crop_padding,
         hflip=fmt.hflip,
     )
+
+
+def _parse_options(name: str, defaults: Mapping[str, Any], items: list[str]) -> dict[str, Any]:
+    """``key=value`` items of a spec, typed like ``defaults`` (a pair is ``lo-hi`` or one value)."""
+    parsed = dict(defaults)
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or key not in defaults:
+            raise ValueError(
+                f"data option {item!r} of {name!r}: expected key=value with key in {', '.join(defaults)}"
+            )
+        default = defaults[key]
+        try:
+            if isinstance(default, tuple):
+                lo, _, hi = text.partition("-")
+                parsed[key] = (type(default[0])(lo), type(default[1])(hi or lo))
+            else:
+                parsed[key] = type(default)(text)
+        except ValueError:
+            raise ValueError(
+                f"data option {item!r} of {name!r}: cannot parse {text!r} like {default!r}"
+            ) from None
+    return parsed
+
+
+def _channel_stats(images: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and (unbiased) std of uint8 ``(N, C, H, W)`` images in [0, 1], via histograms."""
+    levels = torch.arange(256, dtype=torch.float64) / 255.0
+    means, stds = [], []
+    for c in range(images.shape[1]):
+        counts = torch.bincount(images[:, c].reshape(-1), minlength=256).to(torch.float64)
+        n = counts.sum()
+        mean = (counts * levels).sum() / n
+        var = (counts * (levels - mean) ** 2).sum() / (n - 1).clamp(min=1)
+        means.append(float(mean))
+        stds.append(float(var.sqrt()))
+    return tuple(means), tuple(stds)
 
 
 def _dataset(images: np.ndarray, labels: np.ndarray, idx: np.ndarray) -> ImageDataset:
@@ -366,6 +425,40 @@ def _load_fashion(directory: Path, size: tuple[int, int] | None) -> RawSplits:
         if len(labels) != len(images):
             raise DataError(f"{label_path}: {len(labels)} labels for {len(images)} images")
         splits += [images[:, None], labels]
+    return RawSplits(*splits, FASHION_CLASSES)
+
+
+def _canvas_options() -> dict[str, Any]:
+    from distill.canvas import make_canvas_dataset
+
+    params = inspect.signature(make_canvas_dataset).parameters.values()
+    return {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY and p.name != "chunk"}
+
+
+@register_format(
+    "fashion-mnist-canvas",
+    mean=None,
+    std=None,
+    hflip=True,
+    crop_padding=0,
+    default_dir="/usr/share/datasets/fashion-mnist",
+    options=_canvas_options(),
+)
+def _load_fashion_canvas(
+    directory: Path, size: tuple[int, int] | None, seed: int, **options: Any
+) -> RawSplits:
+    from distill.canvas import make_canvas_dataset
+
+    items = _load_fashion(directory, size)
+    splits = []
+    for images, labels, split_seed in (
+        (items.train_images, items.train_labels, seed),
+        (items.test_images, items.test_labels, seed + 1),
+    ):
+        x, y = make_canvas_dataset(
+            torch.from_numpy(images.copy()), torch.from_numpy(labels), seed=split_seed, **options
+        )
+        splits += [x.numpy(), y.numpy()]
     return RawSplits(*splits, FASHION_CLASSES)
 
 

@@ -15,6 +15,15 @@ states; written atomically); ``best.pt`` (best on validation, with its test accu
 Data order, augmentation and the global RNG are drawn from generators seeded by
 ``(seed, epoch, rank)``, so a resumed run reproduces an uninterrupted one.
 
+**Derived students.** With ``factor`` (or ``recipe``) the student is the teacher architecture
+rewritten by :func:`passes.aggressive_pool` (or :func:`passes.apply_recipe`), freshly initialised;
+methods that need RED blocks get them from :func:`passes.attach_red` at ``placement``, and feature
+methods tap the stage map (RED block outputs, or the shrunk stage outputs for FitNet/AT) against
+the teacher maps of equal size, so ``method`` plus ``factor`` is all a run needs. The run directory
+then also holds ``recipe.json`` (the recipe plus ``red_placement``, null without RED blocks), from
+which :func:`load_student` rebuilds the trained student. Teacher-run config files record
+``model_kwargs``/``teacher_kwargs`` with ``num_classes``/``in_chans`` filled in from the data.
+
 >>> cfg = TrainConfig(model="torch.nn:Identity")
 >>> cfg.method, cfg.schedule, cfg.task_weight
 ('none', 'onecycle', None)
@@ -55,6 +64,17 @@ from distill.data import DataBundle, ImageDataset, Preprocess, load_data
 from distill.features import FeatureFn, FeatureTap, LogitsOnly
 from distill.losses import LossInputs, Objective, build_objective
 from distill.red import REDBlock
+from passes import (
+    ABSORB,
+    PLACEMENTS,
+    POOLS,
+    PassError,
+    Recipe,
+    Student,
+    aggressive_pool,
+    apply_recipe,
+    attach_red,
+)
 
 __all__ = [
     "SCHEDULES",
@@ -63,6 +83,7 @@ __all__ = [
     "TrainResult",
     "config_from_dict",
     "load_config",
+    "load_student",
     "main",
     "register_schedule",
     "state_digest",
@@ -82,11 +103,15 @@ class ConfigError(ValueError):
 class TrainConfig:
     """Everything a run needs; YAML keys and ``key=value`` overrides use these field names.
 
-    ``model``/``teacher``: a factory or ``"package.module:attr"`` / ``"path/file.py:attr"``; a
-    factory parameter named ``num_classes`` or ``in_chans`` not set in ``*_kwargs`` is filled from
-    the data. ``teacher_checkpoint``: a state_dict file, a ``best.pt``/``last.pt``, or a run
-    directory (its ``student.pt``). Taps name fx nodes or modules (``FeatureTap``); with a RED
-    method and no ``student_taps`` the student's ``REDBlock`` modules are tapped in module order.
+    ``model``/``teacher``: a factory, ``"zoo:NAME"`` (:mod:`memplan.zoo`) or
+    ``"package.module:attr"`` / ``"path/file.py:attr"``; a factory parameter named ``num_classes``
+    or ``in_chans`` not set in ``*_kwargs`` is filled from the data. ``factor`` or ``recipe`` (a
+    ``recipe.json``) derives the student from ``teacher`` instead of ``model`` (module docstring),
+    with ``pool``/``absorb`` as in :func:`passes.aggressive_pool` and RED ``placement``
+    ``"input+output"`` or ``"output"``. ``teacher_checkpoint``: a state_dict file, a
+    ``best.pt``/``last.pt``, or a run directory (its ``student.pt``). Taps name fx nodes or modules
+    (``FeatureTap``; a teacher name may repeat); without taps, a derived student taps its stage
+    map, and a given student with a RED method its ``REDBlock`` modules in module order.
     ``batch_size`` is per process. ``task_weight`` None: 1.0 without distillation terms, else 0.5.
     ``alpha`` weights the ``red`` term; other method options go in ``method_options``
     (``{kd: {temperature: 4}}``). ``milestones``/``gamma`` apply to ``schedule: step``
@@ -103,6 +128,11 @@ class TrainConfig:
     teacher: str | ModelFactory | None = None
     teacher_kwargs: dict[str, Any] = field(default_factory=dict)
     teacher_checkpoint: str | None = None
+    factor: int | None = None
+    recipe: str | None = None
+    pool: str = "stride"
+    absorb: str = "stem"
+    placement: str = "input+output"
     student_taps: list[str] = field(default_factory=list)
     teacher_taps: list[str] = field(default_factory=list)
     alpha: float = 1.0
@@ -290,8 +320,21 @@ def _check_config(cfg: TrainConfig) -> TrainConfig:
     """Re-validate types (programmatic configs) and ranges; resolve ``out_dir`` for resume."""
     cfg = config_from_dict({f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)})
     problems = []
-    if not cfg.model:
-        problems.append("model is required")
+    derived = cfg.factor is not None or cfg.recipe is not None
+    if derived:
+        if cfg.factor is not None and cfg.recipe is not None:
+            problems.append("give factor or recipe, not both")
+        if cfg.model:
+            problems.append("with factor/recipe the student is derived from teacher; leave model unset")
+        if cfg.teacher is None:
+            problems.append("factor/recipe need teacher (the architecture the student is derived from)")
+        if cfg.factor is not None and cfg.factor < 1:
+            problems.append("factor must be >= 1")
+    elif not cfg.model:
+        problems.append("model is required (or factor/recipe with a teacher)")
+    for key, allowed in (("pool", POOLS), ("absorb", ABSORB), ("placement", PLACEMENTS)):
+        if getattr(cfg, key) not in allowed:
+            problems.append(f"{key} must be one of {list(allowed)}")
     for key in ("epochs", "batch_size"):
         if getattr(cfg, key) < 1:
             problems.append(f"{key} must be >= 1")
@@ -315,13 +358,17 @@ def _check_config(cfg: TrainConfig) -> TrainConfig:
 
 
 def resolve_factory(spec: str | ModelFactory) -> ModelFactory:
-    """A model factory from a callable, ``"package.module:attr"`` or ``"path/to/file.py:attr"``.
+    """A model factory from a callable, ``"zoo:NAME"``, ``"package.module:attr"`` or ``"file.py:attr"``.
 
     >>> resolve_factory("torch.nn:Identity")
     <class 'torch.nn.modules.linear.Identity'>
+    >>> resolve_factory("zoo:resnet_tiny")(num_classes=3, in_chans=1).fc.out_features
+    3
     """
     if callable(spec):
         return spec
+    if spec.startswith("zoo:"):
+        return _zoo_factory(spec[4:])
     module_name, sep, attr = spec.rpartition(":")
     if not sep or not module_name or not attr:
         raise ConfigError(f"model spec {spec!r} must look like 'package.module:factory' or 'file.py:factory'")
@@ -347,31 +394,52 @@ def resolve_factory(spec: str | ModelFactory) -> ModelFactory:
     return factory
 
 
-def _build_model(spec: str | ModelFactory, kwargs: Mapping[str, Any], bundle: DataBundle) -> nn.Module:
-    factory = resolve_factory(spec)
+def _zoo_factory(name: str) -> ModelFactory:
+    """``memplan.zoo.create_model(name, ...)`` with ``num_classes``/``in_chans`` in its signature."""
+    from memplan import zoo
+
+    if name not in zoo.list_models():
+        raise ConfigError(f"unknown zoo model {name!r}; known: {', '.join(zoo.list_models())}")
+
+    def build(*, num_classes: int, in_chans: int, **kwargs: Any) -> nn.Module:
+        return zoo.create_model(name, num_classes=num_classes, in_chans=in_chans, **kwargs)
+
+    return build
+
+
+def _filled_kwargs(spec: str | ModelFactory, kwargs: Mapping[str, Any], bundle: DataBundle) -> dict[str, Any]:
+    """``kwargs`` plus the factory's ``num_classes``/``in_chans`` parameters, taken from the data."""
     kwargs = dict(kwargs)
     try:
-        params = inspect.signature(factory).parameters
+        params = inspect.signature(resolve_factory(spec)).parameters
     except (TypeError, ValueError):
         params = {}
     for key, value in (("num_classes", bundle.num_classes), ("in_chans", bundle.in_chans)):
         if key in params and key not in kwargs:
             kwargs[key] = value
-    model = factory(**kwargs)
+    return kwargs
+
+
+def _build_model(spec: str | ModelFactory, kwargs: Mapping[str, Any]) -> nn.Module:
+    try:
+        model = resolve_factory(spec)(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"cannot build model {spec!r} with {dict(kwargs)}: {exc}") from exc
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model factory {spec!r} returned {type(model).__name__}, not an nn.Module")
     return model
 
 
-def _load_weights(model: nn.Module, path: str) -> None:
+def _load_weights(model: nn.Module, path: str, what: str = "teacher") -> None:
     file = Path(path) / "student.pt" if Path(path).is_dir() else Path(path)
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and isinstance(state.get("model"), dict):
+            state = state["model"]
+        model.load_state_dict(state)
     except (OSError, RuntimeError) as exc:
-        raise ConfigError(f"{file}: cannot load teacher weights ({exc})") from None
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
-    model.load_state_dict(state)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"{file}: cannot load {what} weights ({first})") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -548,6 +616,12 @@ class _RunFiles:
         if self.enabled:
             _atomic_save(obj, self.dir / name)
 
+    def write_text(self, name: str, text: str) -> None:
+        if self.enabled:
+            tmp = self.dir / f".{name}.tmp"
+            tmp.write_text(text)
+            os.replace(tmp, self.dir / name)
+
     def save_last(self, checkpoint: dict[str, Any]) -> None:
         self.save("last.pt", checkpoint)
 
@@ -587,15 +661,105 @@ class _Teacher:
         return self.features(self.model, x)
 
 
-def _feature_fns(cfg: TrainConfig, objective: Objective, student: nn.Module) -> tuple[FeatureFn, FeatureFn]:
+class _MatchedTap:
+    """A ``FeatureTap`` whose names may repeat (several student points matched to one teacher map)."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.tap = FeatureTap(list(dict.fromkeys(names)))
+        self.index = [self.tap.names.index(name) for name in names]
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        try:
+            return self.tap.prepare(model)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+
+    def __call__(self, model: nn.Module, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        logits, feats = self.tap(model, x)
+        return logits, [feats[i] for i in self.index]
+
+
+def _feature_fns(
+    cfg: TrainConfig, objective: Objective, student: nn.Module, derived: Student | None
+) -> tuple[FeatureFn, FeatureFn]:
+    """Student and teacher feature functions: explicit taps, else the derived student's stage map."""
     if not objective.needs_features:
         return LogitsOnly(), LogitsOnly()
-    taps = list(cfg.student_taps)
-    if not taps and objective.needs_red_blocks:
-        taps = [name for name, m in student.named_modules() if isinstance(m, REDBlock)]
-    if not taps or not cfg.teacher_taps:
-        raise ConfigError(f"method {cfg.method!r} needs student_taps (or RED blocks) and teacher_taps")
-    return FeatureTap(taps), FeatureTap(cfg.teacher_taps)
+    if derived is None:
+        reds = [name for name, m in student.named_modules() if isinstance(m, REDBlock)]
+        default_student, default_teacher = reds if objective.needs_red_blocks else [], []
+    elif objective.needs_red_blocks:
+        default_student, default_teacher = list(student.red_points), list(student.red_teachers)
+    else:
+        pairs = derived.stage_map.outputs
+        default_student, default_teacher = [p.student for p in pairs], [p.teacher for p in pairs]
+    student_taps = list(cfg.student_taps) or default_student
+    teacher_taps = list(cfg.teacher_taps) or default_teacher
+    if not student_taps or not teacher_taps:
+        raise ConfigError(
+            f"method {cfg.method!r} needs student_taps (or RED blocks) and teacher_taps, or a student derived "
+            "with factor/recipe whose stage map matches teacher maps"
+        )
+    return _MatchedTap(tuple(student_taps)), _MatchedTap(tuple(teacher_taps))
+
+
+def _derive_student(cfg: TrainConfig, bundle: DataBundle, red: bool) -> tuple[Student, nn.Module]:
+    """The aggressive-pool student of ``cfg.teacher`` (fresh weights) and the module to train.
+
+    The module is the student's ``GraphModule``, with RED blocks at ``cfg.placement`` when ``red``.
+    """
+    arch = _build_model(cfg.teacher, cfg.teacher_kwargs)
+    x = torch.empty(1, bundle.in_chans, *bundle.input_size, device="meta")
+    try:
+        if cfg.recipe is not None:
+            student = apply_recipe(arch, Recipe.load(cfg.recipe), x)
+        else:
+            student = aggressive_pool(arch, x, factor=cfg.factor, pool=cfg.pool, absorb=cfg.absorb)
+        module = attach_red(student.module, student.stage_map, cfg.placement) if red else student.module
+    except PassError as exc:
+        raise ConfigError(f"cannot derive the student of {cfg.teacher!r}: {exc}") from exc
+    return student, module
+
+
+def _recipe_json(recipe: Recipe, placement: str | None) -> str:
+    return json.dumps({**recipe.to_json(), "red_placement": placement}, indent=2) + "\n"
+
+
+def load_student(run_dir: str | Path, weights: str = "student.pt") -> nn.Module:
+    """Rebuild the model a run directory trained, with its weights, in eval mode.
+
+    A derived student (``factor``/``recipe``): the teacher architecture from ``config.yaml``, the
+    recipe from ``recipe.json`` re-applied, RED blocks attached at its ``red_placement``; otherwise
+    ``model`` with ``model_kwargs``. ``weights``: ``student.pt`` (final), ``best.pt`` or ``last.pt``,
+    loaded with ``torch.load(weights_only=True)``.
+
+    >>> import tempfile
+    >>> run = Path(tempfile.mkdtemp()) / "run"
+    >>> cfg = TrainConfig(teacher="zoo:resnet_tiny", factor=4, method="red-blocks", placement="output",
+    ...                   data="digits", image_size=16, train_subset=100, epochs=1, batch_size=50,
+    ...                   out_dir=str(run), device="cpu")
+    >>> r = train(cfg)
+    >>> model = load_student(run)
+    >>> model.red_points, bool((model(torch.zeros(1, 1, 16, 16)) == r.student.eval()(torch.zeros(1, 1, 16, 16))).all())
+    (['red_out0', 'red_out1', 'red_out2'], True)
+    """
+    run = Path(run_dir)
+    cfg = config_from_dict(_read_yaml(run / "config.yaml"))
+    if cfg.factor is None and cfg.recipe is None:
+        model = _build_model(cfg.model, cfg.model_kwargs)
+    else:
+        try:
+            doc = json.loads((run / "recipe.json").read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"{run / 'recipe.json'}: cannot read the student recipe ({exc})") from None
+        try:
+            student = apply_recipe(_build_model(cfg.teacher, cfg.teacher_kwargs), Recipe.from_json(doc))
+            placement = doc.get("red_placement")
+            model = attach_red(student.module, student.stage_map, placement) if placement else student.module
+        except PassError as exc:
+            raise ConfigError(f"{run}: cannot rebuild the student: {exc}") from exc
+    _load_weights(model, str(run / weights), "student")
+    return model.eval()
 
 
 def _loader(
@@ -676,28 +840,47 @@ class _Session:
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         self.env, self.device = env, device
-        self.bundle = load_data(
-            cfg.data,
-            val_fraction=cfg.val_fraction,
-            train_subset=cfg.train_subset,
-            seed=cfg.seed,
-            image_size=cfg.image_size,
-        )
+        try:
+            self.bundle = load_data(
+                cfg.data,
+                val_fraction=cfg.val_fraction,
+                train_subset=cfg.train_subset,
+                seed=cfg.seed,
+                image_size=cfg.image_size,
+            )
+        except ValueError as exc:  # DataError included
+            raise ConfigError(f"data {cfg.data!r}: {exc}") from exc
         self.preprocess = self.bundle.preprocess
         options = {**cfg.method_options, "red": {**cfg.method_options.get("red", {}), "alpha": cfg.alpha}}
-        self.objective = build_objective(
-            cfg.method, task_weight=cfg.task_weight, distill_weight=cfg.distill_weight, options=options
+        try:
+            self.objective = build_objective(
+                cfg.method, task_weight=cfg.task_weight, distill_weight=cfg.distill_weight, options=options
+            )
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+        self.cfg = cfg = dataclasses.replace(
+            cfg,
+            task_weight=self.objective.task_weight,
+            model_kwargs=_filled_kwargs(cfg.model, cfg.model_kwargs, self.bundle)
+            if cfg.model
+            else cfg.model_kwargs,
+            teacher_kwargs=_filled_kwargs(cfg.teacher, cfg.teacher_kwargs, self.bundle)
+            if cfg.teacher
+            else cfg.teacher_kwargs,
         )
-        self.cfg = cfg = dataclasses.replace(cfg, task_weight=self.objective.task_weight)
 
-        self.student = _build_model(cfg.model, cfg.model_kwargs, self.bundle)
+        # graph rewrites (student derivation, RED blocks, feature taps) happen here, before any DDP wrapping
+        self.derived: Student | None = None
+        if cfg.factor is not None or cfg.recipe is not None:
+            self.derived, self.student = _derive_student(cfg, self.bundle, self.objective.needs_red_blocks)
+        else:
+            self.student = _build_model(cfg.model, cfg.model_kwargs)
         if self.objective.needs_red_blocks and not any(
             isinstance(m, REDBlock) for m in self.student.modules()
         ):
             raise ConfigError(f"method {cfg.method!r} needs a student with REDBlock modules attached")
-        student_fn, teacher_fn = _feature_fns(cfg, self.objective, self.student)
+        student_fn, teacher_fn = _feature_fns(cfg, self.objective, self.student, self.derived)
         self.teacher = self._build_teacher(teacher_fn) if self.objective.needs_teacher else None
-        # graph rewrites (feature taps) happen here, before any DDP wrapping
         self.step = _TrainStep(student_fn.prepare(self.student), student_fn, self.objective).to(device)
         self._setup_objective()
 
@@ -724,7 +907,7 @@ class _Session:
         cfg = self.cfg
         if cfg.teacher is None or cfg.teacher_checkpoint is None:
             raise ConfigError(f"method {cfg.method!r} needs teacher and teacher_checkpoint")
-        model = _build_model(cfg.teacher, cfg.teacher_kwargs, self.bundle)
+        model = _build_model(cfg.teacher, cfg.teacher_kwargs)
         _load_weights(model, cfg.teacher_checkpoint)
         model.eval().requires_grad_(False)
         return _Teacher(features.prepare(model).to(self.device).eval(), features)
@@ -752,6 +935,9 @@ class _Session:
     def run(self) -> TrainResult:
         cfg, env = self.cfg, self.env
         self.files.start(cfg.to_dict(), resume=bool(cfg.resume))
+        if self.derived is not None:
+            placement = cfg.placement if self.objective.needs_red_blocks else None
+            self.files.write_text("recipe.json", _recipe_json(self.derived.recipe, placement))
         if cfg.resume:
             self._resume(Path(cfg.resume))
         history = self.files.history(self.start_epoch)

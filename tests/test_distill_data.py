@@ -122,6 +122,39 @@ def test_fashion_mnist_corrupt_files(fashion_dir, name, corrupt, match):
     assert name in str(info.value) and "\n" not in str(info.value)
 
 
+def test_fashion_mnist_canvas_fixture(fashion_dir):
+    root, data = fashion_dir
+    bundle = load_data(f"fashion-mnist-canvas:{root},canvas=40,clutter=0", val_fraction=0.25)
+    assert (len(bundle.train), len(bundle.val), len(bundle.test)) == (30, 10, 10)
+    assert bundle.input_size == (40, 40) and bundle.in_chans == 1 and bundle.crop_padding == 0
+    test_images, test_labels = data["t10k"]
+    assert np.array_equal(bundle.test.labels.numpy(), test_labels)
+    # without clutter each canvas holds exactly its item (pixel-exact paste at scale 1)
+    sums = bundle.test.images.flatten(1).sum(1, dtype=torch.int64).numpy()
+    assert np.array_equal(sums, test_images.reshape(10, -1).astype(np.int64).sum(1))
+    assert bundle.mean[0] > 0 and bundle.std[0] > 0  # computed from the training canvases
+
+    spec = f"fashion-mnist-canvas:{root},canvas=48,clutter=2,clutter_intensity=0.5"
+    a, b = load_data(spec), load_data(spec)
+    assert a.train.images.shape[1:] == (1, 48, 48)
+    assert torch.equal(a.train.images, b.train.images) and torch.equal(a.test.images, b.test.images)
+    other = load_data(spec + ",seed=3")
+    assert not torch.equal(a.test.images, other.test.images)
+    assert torch.equal(a.test.labels, other.test.labels)
+
+
+def test_fashion_mnist_canvas_option_errors(fashion_dir):
+    root, _ = fashion_dir
+    with pytest.raises(ValueError, match="expected key=value with key in canvas"):
+        load_data(f"fashion-mnist-canvas:{root},bogus=1")
+    with pytest.raises(ValueError, match="cannot parse 'big'"):
+        load_data(f"fashion-mnist-canvas:{root},canvas=big")
+    with pytest.raises(ValueError, match="cannot hold"):
+        load_data(f"fashion-mnist-canvas:{root},canvas=20")
+    with pytest.raises(ValueError, match="takes no options"):
+        load_data("digits,canvas=40")
+
+
 @pytest.mark.skipif(not REAL_FASHION.is_dir(), reason="Fashion-MNIST not installed")
 def test_real_fashion_mnist():
     bundle = load_data("fashion-mnist")

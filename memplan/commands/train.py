@@ -1,0 +1,104 @@
+"""``memplan train MODEL --data SPEC``: train a model (a teacher) with the distill trainer.
+
+Builds a :class:`distill.trainer.TrainConfig` from an optional YAML file, the flags and ``key=value``
+overrides (any config key, later ones win), trains with a tqdm bar (on a terminal) and per-epoch
+validation and test, and prints the last-epoch test accuracy with the best-on-validation epoch
+beside it. The run directory (``--out``) holds ``config.yaml``, ``metrics.jsonl``, ``last.pt``,
+``best.pt`` and ``student.pt``; ``--resume RUN`` continues it exactly where ``last.pt`` stopped.
+
+Example:
+    $ memplan train zoo:resnet10_narrow --data fashion-mnist-canvas --epochs 15 --out runs/teacher
+    $ memplan train zoo:resnet_tiny --data digits --epochs 3 --out runs/t image_size=16 lr=0.05
+    $ memplan train --resume runs/teacher
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from distill.trainer import ConfigError, TrainResult, load_config, train
+from memplan.cli import command
+from memplan.errors import MemplanError
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags ``memplan train`` and ``memplan distill`` share (data, epochs, run directory, config)."""
+    p.add_argument("--data", help="data spec: digits, fashion-mnist[:DIR], fashion-mnist-canvas[:DIR][,k=v...], "
+                                  "cifar10:DIR, cifar100:DIR, stl10:DIR, imagefolder:DIR")
+    p.add_argument("--epochs", type=int, help="training epochs")
+    p.add_argument("--out", metavar="RUN", help="run directory (config.yaml, metrics.jsonl, last.pt, best.pt, "
+                                                "student.pt)")
+    p.add_argument("--config", metavar="YAML", help="base config file (TrainConfig keys)")
+    p.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its last.pt")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. lr=0.05 seed=1")
+    _intermix(p)
+
+
+def _intermix(p: argparse.ArgumentParser) -> None:
+    """Let ``p`` take positionals after flags (``MODEL --epochs 1 lr=0.1``).
+
+    Plain argparse assigns each positional once, at the first run of positional strings, so the
+    overrides after the flags would be "unrecognized"; the subcommand parser parses intermixed.
+    """
+    plain = p.parse_known_args
+
+    def parse(args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None) -> Any:
+        p.parse_known_args = plain  # parse_known_intermixed_args calls parse_known_args itself
+        try:
+            return p.parse_known_intermixed_args(args, namespace)
+        finally:
+            p.parse_known_args = parse
+
+    p.parse_known_args = parse
+
+
+def flag_overrides(args: argparse.Namespace) -> list[str]:
+    """The shared flags as ``key=value`` overrides (only those given)."""
+    pairs = (("data", args.data), ("epochs", args.epochs), ("out_dir", args.out), ("resume", args.resume))
+    return [f"{key}={value}" for key, value in pairs if value is not None]
+
+
+def run_training(config_path: str | None, overrides: Sequence[str]) -> TrainResult:
+    """Load the config, train, print the summary; config and data errors become one-line errors."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        config = load_config(config_path, overrides)
+        result = train(config)
+    except ConfigError as e:
+        raise MemplanError(str(e)) from e
+    print(summary(result))
+    return result
+
+
+def summary(result: TrainResult) -> str:
+    """Run directory, last-epoch test accuracy and the best-on-validation epoch beside it."""
+    return (
+        f"run              {result.run_dir or '(not saved)'}\n"
+        f"test accuracy    {result.last_test_acc:.2f}% (last epoch, {result.epochs})   "
+        f"best val {result.best_val_acc:.2f}% at epoch {result.best_epoch} (test {result.best_test_acc:.2f}%)"
+    )
+
+
+@command("train", "train a model (a teacher) on a dataset: run directory, checkpoints, resume")
+def configure(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``memplan train``."""
+    p.add_argument("model", nargs="?", help="zoo:NAME, FILE.py:CALLABLE or pkg.module:CALLABLE (optional with "
+                                            "--resume or --config)")
+    add_run_arguments(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Execute ``memplan train``."""
+    overrides = list(args.overrides)
+    if args.model and "=" in args.model:  # argparse gives the first key=value to the optional MODEL
+        overrides.insert(0, args.model)
+        args.model = None
+    if not (args.model or args.resume or args.config):
+        raise MemplanError("give MODEL (e.g. zoo:resnet_tiny), --config YAML or --resume RUN")
+    model = [f"model={args.model}"] if args.model else []
+    run_training(args.config, [*model, *flag_overrides(args), *overrides])
+    return 0

@@ -27,7 +27,6 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
@@ -340,75 +339,37 @@ def export_onnx(
     )
 
 
-RUN_LAYOUT = "recipe.json (passes Recipe) + student.pt (state_dict) + config.yaml (teacher, teacher_kwargs)"
-
-
-def _teacher(spec: str, kwargs: dict[str, Any]) -> nn.Module:
-    prefix, _, name = spec.partition(":")
-    if prefix == "zoo":
-        from memplan.zoo import create_model
-
-        return create_model(name, **kwargs)
-    from distill.trainer import ConfigError, resolve_factory
-
-    try:
-        return resolve_factory(spec)(**kwargs)
-    except ConfigError as e:
-        raise MemplanError(str(e)) from e
+RUN_LAYOUT = (
+    "config.yaml (teacher, teacher_kwargs, factor or recipe) + recipe.json (passes Recipe, red_placement) + "
+    "student.pt or best.pt"
+)
 
 
 def load_run(run_dir: str | Path) -> tuple[nn.Module, tuple[int, ...]]:
-    """Rebuild the student a run directory holds, with its weights, and its input shape.
+    """Rebuild the derived student a training run directory holds, with its weights, and its input shape.
 
-    Layout: :data:`RUN_LAYOUT`. The teacher (``zoo:NAME``, ``package.module:factory`` or
-    ``file.py:factory`` with ``teacher_kwargs``) is rebuilt, the recipe re-applied
-    (:func:`passes.aggressive_pool.apply_recipe`), RED blocks attached when the state dict has
-    ``red_in*``/``red_out*`` entries, and ``student.pt`` (or ``best.pt``'s ``model``) loaded with
-    ``torch.load(weights_only=True)``.
+    Layout: :data:`RUN_LAYOUT` (what :func:`distill.trainer.train` writes for ``factor``/``recipe``
+    runs). The model comes from :func:`distill.trainer.load_student` (``student.pt``, else
+    ``best.pt``); the input shape is the recipe's.
 
     Example:
-        >>> import tempfile, torch, yaml
-        >>> from memplan.zoo import create_model
-        >>> from passes.aggressive_pool import aggressive_pool
-        >>> run = Path(tempfile.mkdtemp())
-        >>> s = aggressive_pool(create_model("resnet_tiny"), torch.empty(1, 1, 28, 28), factor=4)
-        >>> s.recipe.save(run / "recipe.json"); torch.save(s.module.state_dict(), run / "student.pt")
-        >>> _ = (run / "config.yaml").write_text(yaml.safe_dump({"teacher": "zoo:resnet_tiny"}))
+        >>> import tempfile
+        >>> from distill.trainer import TrainConfig, train
+        >>> run = Path(tempfile.mkdtemp()) / "run"
+        >>> _ = train(TrainConfig(teacher="zoo:resnet_tiny", factor=2, method="red-blocks", data="digits",
+        ...                       train_subset=100, epochs=1, batch_size=50, out_dir=str(run), device="cpu"))
         >>> model, shape = load_run(run)
         >>> shape, model(torch.zeros(shape)).shape
-        ((1, 1, 28, 28), torch.Size([1, 10]))
+        ((1, 1, 8, 8), torch.Size([1, 10]))
     """
-    import yaml
-
-    from passes.aggressive_pool import Recipe, apply_recipe
-    from passes.attach_red import attach_red
+    from distill.trainer import ConfigError, load_student
+    from passes import PassError, Recipe
 
     run = Path(run_dir)
-    weights = next((run / n for n in ("student.pt", "best.pt") if (run / n).is_file()), None)
+    weights = next((n for n in ("student.pt", "best.pt") if (run / n).is_file()), None)
     if not (run / "recipe.json").is_file() or weights is None or not (run / "config.yaml").is_file():
         raise MemplanError(f"run directory '{run}' is not supported: it needs {RUN_LAYOUT}")
     try:
-        cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-    except (OSError, yaml.YAMLError, RuntimeError, ValueError) as e:
-        raise MemplanError(f"cannot read run directory '{run}': {type(e).__name__}: {e}") from e
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
-    if not isinstance(cfg, dict) or not isinstance(cfg.get("teacher"), str):
-        raise MemplanError(
-            f"{run / 'config.yaml'} names no teacher (key 'teacher': zoo:NAME or module:factory)"
-        )
-    recipe = Recipe.load(run / "recipe.json")
-    student = apply_recipe(_teacher(cfg["teacher"], dict(cfg.get("teacher_kwargs") or {})), recipe)
-    model: nn.Module = student.module
-    if any(k.startswith("red_") for k in state):
-        placement = "input+output" if any(k.startswith("red_in") for k in state) else "output"
-        model = attach_red(model, student.stage_map, placement=placement)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise MemplanError(
-            f"{weights} does not fit the rebuilt student (check teacher_kwargs such as "
-            f"num_classes): {describe_error(e)}"
-        ) from e
-    return model.eval(), tuple(recipe.input_shape)
+        return load_student(run, weights), tuple(Recipe.load(run / "recipe.json").input_shape)
+    except (ConfigError, PassError) as e:
+        raise MemplanError(f"cannot rebuild the student of run directory '{run}': {e}") from e

@@ -12,6 +12,7 @@ import importlib
 import pkgutil
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from memplan.errors import MemplanError
 
@@ -33,6 +34,24 @@ def command(name: str, help: str) -> Callable[[Configure], Configure]:  # noqa: 
         return configure
 
     return deco
+
+
+def allow_intermixed(p: argparse.ArgumentParser) -> None:
+    """Let ``p`` take positionals after flags (``MODEL --epochs 1 lr=0.1``).
+
+    Plain argparse assigns each positional once, at the first run of positional strings, so the
+    overrides after the flags would be "unrecognized"; the subcommand parser parses intermixed.
+    """
+    plain = p.parse_known_args
+
+    def parse(args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None) -> Any:
+        p.parse_known_args = plain  # parse_known_intermixed_args calls parse_known_args itself
+        try:
+            return p.parse_known_intermixed_args(args, namespace)
+        finally:
+            p.parse_known_args = parse
+
+    p.parse_known_args = parse
 
 
 def build_parser() -> argparse.ArgumentParser:

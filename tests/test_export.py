@@ -131,9 +131,12 @@ def _run_dir(tmp_path, red):
         torch.nn.init.normal_(p, std=0.05)
     run = tmp_path / ("red" if red else "plain")
     run.mkdir()
-    s.recipe.save(run / "recipe.json")
+    recipe = {**s.recipe.to_json(), "red_placement": "input+output" if red else None}  # as the trainer writes it
+    (run / "recipe.json").write_text(json.dumps(recipe))
     torch.save(student.state_dict(), run / "student.pt")
-    (run / "config.yaml").write_text(yaml.safe_dump({"teacher": "zoo:resnet_tiny", "epochs": 1}))
+    (run / "config.yaml").write_text(yaml.safe_dump(
+        {"teacher": "zoo:resnet_tiny", "teacher_kwargs": {"num_classes": 10, "in_chans": 1}, "factor": 4, "epochs": 1}
+    ))
     return run, student.eval()
 
 

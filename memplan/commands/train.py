@@ -17,10 +17,9 @@ from __future__ import annotations
 import argparse
 import logging
 from collections.abc import Sequence
-from typing import Any
 
 from distill.trainer import ConfigError, TrainResult, load_config, train
-from memplan.cli import command
+from memplan.cli import allow_intermixed, command
 from memplan.errors import MemplanError
 
 
@@ -34,25 +33,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="YAML", help="base config file (TrainConfig keys)")
     p.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its last.pt")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. lr=0.05 seed=1")
-    _intermix(p)
-
-
-def _intermix(p: argparse.ArgumentParser) -> None:
-    """Let ``p`` take positionals after flags (``MODEL --epochs 1 lr=0.1``).
-
-    Plain argparse assigns each positional once, at the first run of positional strings, so the
-    overrides after the flags would be "unrecognized"; the subcommand parser parses intermixed.
-    """
-    plain = p.parse_known_args
-
-    def parse(args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None) -> Any:
-        p.parse_known_args = plain  # parse_known_intermixed_args calls parse_known_args itself
-        try:
-            return p.parse_known_intermixed_args(args, namespace)
-        finally:
-            p.parse_known_args = parse
-
-    p.parse_known_args = parse
+    allow_intermixed(p)
 
 
 def flag_overrides(args: argparse.Namespace) -> list[str]:

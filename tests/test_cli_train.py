@@ -13,12 +13,7 @@ TINY = ["image_size=16", "train_subset=200", "batch_size=50", "device=cpu", "see
 RUN_FILES = {"config.yaml", "metrics.jsonl", "last.pt", "best.pt", "student.pt"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

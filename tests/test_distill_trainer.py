@@ -20,13 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 THIS = Path(__file__).resolve()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # tiny models: one intra-op thread is fastest and stable on small, shared CI machines
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def conv_bn_relu(cin, cout, stride):

@@ -5,7 +5,6 @@ import json
 import re
 
 import pytest
-import torch
 
 from memplan.cli import main
 from memplan.onnx_frontend import analyze_onnx
@@ -19,12 +18,7 @@ BYTE_ROWS = {  # report.md row label -> report.json key of each model
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

@@ -53,6 +53,9 @@ TORCHVISION = ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "de
 def test_torchvision_cnn(name: str) -> None:
     import torchvision
 
-    with torch.device("meta"):
+    try:
+        with torch.device("meta"):  # no memory for the weights
+            model = torchvision.models.get_model(name, weights=None)
+    except NotImplementedError:  # an initialiser that reads values (regnet) needs real tensors
         model = torchvision.models.get_model(name, weights=None)
     _sweep(model, SMALL)

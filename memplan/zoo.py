@@ -696,7 +696,21 @@ class InvertedResidualV3(nn.Module):
         return result
 
 
-class MobileNetV3(nn.Module):
+class _PooledClassifier(nn.Module):
+    """torchvision's ``features -> avgpool -> flatten -> classifier`` forward (MobileNetV3, VGG)."""
+
+    features: nn.Module
+    avgpool: nn.Module
+    classifier: nn.Module
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.features(x)
+        x = self.avgpool(x)
+        x = torch.flatten(x, 1)
+        return self.classifier(x)
+
+
+class MobileNetV3(_PooledClassifier):
     """torchvision's MobileNetV3 for a bneck table; strides = [stem] + one per bneck entry.
 
     Example:
@@ -754,12 +768,6 @@ class MobileNetV3(nn.Module):
         )
         _init_weights(self)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.features(x)
-        x = self.avgpool(x)
-        x = torch.flatten(x, 1)
-        return self.classifier(x)
-
 
 @register_model
 def mobilenet_v3_small(**kwargs: Any) -> MobileNetV3:
@@ -779,7 +787,7 @@ def mobilenet_v3_small(**kwargs: Any) -> MobileNetV3:
 _VGG11 = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
 
 
-class VGG(nn.Module):
+class VGG(_PooledClassifier):
     """torchvision's VGG; ``strides`` has one entry per max-pool ("M" in ``cfg``), default all 2.
 
     A pool with stride s is ``MaxPool2d(kernel_size=s, stride=s)`` (s = 1 keeps the size).
@@ -827,12 +835,6 @@ class VGG(nn.Module):
             nn.Linear(4096, num_classes),
         )
         _init_weights(self)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.features(x)
-        x = self.avgpool(x)
-        x = torch.flatten(x, 1)
-        return self.classifier(x)
 
 
 @register_model

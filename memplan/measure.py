@@ -22,13 +22,14 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,6 +119,21 @@ def _nbytes(inputs: Sequence[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in inputs)
 
 
+@contextlib.contextmanager
+def _stderr_to_devnull() -> Iterator[None]:
+    """Silence C-level writes to fd 2 (kineto prints 'profiler_start/stop' lines on every profile)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def measure_torch_cpu(model: nn.Module, inputs: torch.Tensor | Sequence[torch.Tensor]) -> Measurement:
     """Peak of the profiler's CPU allocation events during one eval forward, plus the input bytes."""
     from torch.profiler import ProfilerActivity, profile
@@ -128,7 +144,7 @@ def measure_torch_cpu(model: nn.Module, inputs: torch.Tensor | Sequence[torch.Te
     try:
         with torch.no_grad():
             model(*xs)  # warm-up: lazy initialisation is not activation memory
-            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            with _stderr_to_devnull(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
                 model(*xs)
     finally:
         model.train(was_training)

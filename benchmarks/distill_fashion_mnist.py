@@ -114,21 +114,26 @@ class Results:
         self.doc.setdefault("runs", {})
 
     def done(self, regime: str, label: str, seed: int) -> dict[str, Any] | None:
+        """The finished run, also when another process recorded it since we started."""
+        self._merge_from_disk()
         return self.doc["runs"].get(regime, {}).get(label, {}).get(str(seed))
+
+    def _merge_from_disk(self) -> None:
+        if self.path.exists():
+            for regime, labels in json.loads(self.path.read_text()).get("runs", {}).items():
+                for label, seeds in labels.items():
+                    for seed, run in seeds.items():
+                        self.doc["runs"].setdefault(regime, {}).setdefault(label, {}).setdefault(seed, run)
 
     def record(self, regime: str, label: str, seed: int, run: dict[str, Any]) -> None:
         self.doc["runs"].setdefault(regime, {}).setdefault(label, {})[str(seed)] = run
         self.save()
 
     def save(self) -> None:
-        """Merge our runs into the file's under a lock, so one process per regime may share the file."""
+        """Merge our runs into the file's under a lock, so several processes may share the file."""
         with open(self.path.with_suffix(".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            if self.path.exists():
-                for regime, labels in json.loads(self.path.read_text()).get("runs", {}).items():
-                    for label, seeds in labels.items():
-                        for seed, run in seeds.items():
-                            self.doc["runs"].setdefault(regime, {}).setdefault(label, {}).setdefault(seed, run)
+            self._merge_from_disk()
             for regime in self.doc["regimes"]:
                 self.doc[regime] = summarize(self.doc["runs"].get(regime, {}), self.doc["seeds"][regime])
             write_text_atomic(self.path, json.dumps(self.doc, indent=2) + "\n")
@@ -202,12 +207,30 @@ def summarize(runs: dict[str, Any], seeds: list[int]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- training
 def run_one(
     results: Results, runs_dir: Path, regime: str, label: str, seed: int, config: TrainConfig, shape: tuple[int, ...]
-) -> dict[str, Any]:
-    """Train one run (or continue its last.pt) unless the results file has it; record it at once."""
+) -> dict[str, Any] | None:
+    """Train one run (or continue its last.pt) unless the results file has it; record it at once.
+
+    A run another process is training (it holds the run's lock file) is skipped: returns None.
+    """
     done = results.done(regime, label, seed)
     if done is not None:
         return done
     out = runs_dir / regime / label / f"seed{seed}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f"seed{seed}.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"[{regime}] {label} seed {seed}: another process is training it; skipped", flush=True)
+            return None
+        if results.done(regime, label, seed) is not None:  # recorded by another process meanwhile
+            return results.done(regime, label, seed)
+        return _train_and_record(results, out, regime, label, seed, config, shape)
+
+
+def _train_and_record(
+    results: Results, out: Path, regime: str, label: str, seed: int, config: TrainConfig, shape: tuple[int, ...]
+) -> dict[str, Any]:
     resume = str(out) if (out / "last.pt").exists() else None
     print(f"[{regime}] {label} seed {seed}: training -> {out}", flush=True)
     started = time.perf_counter()
@@ -244,6 +267,8 @@ def run_regime(
     base = TrainConfig(data=regime.data, train_subset=subset, epochs=args.epochs, **TRAINING)
     teacher_cfg = TrainConfig(**{**asdict(base), "model": regime.teacher})
     teacher = run_one(results, runs_dir, name, "teacher", 0, teacher_cfg, shape)
+    if teacher is None:
+        raise SystemExit(f"[{name}] the teacher is being trained by another process; run again when it is done")
     student = {**asdict(base), "teacher": regime.teacher, "teacher_checkpoint": teacher["run_dir"],
                "factor": regime.factor}
 
@@ -260,6 +285,8 @@ def run_regime(
         print(f"[{name}] RED chosen on validation: alpha={chosen['alpha']:g}, placement={chosen['placement']}",
               flush=True)
     for seed in seeds:
+        if args.only_seeds and seed not in args.only_seeds:
+            continue
         for method in methods:
             settings = {"alpha": chosen["alpha"], "placement": chosen["placement"]} if method in RED_METHODS else {}
             run_one(results, runs_dir, name, method_label(method, chosen), seed, student_cfg(method, **settings), shape)
@@ -330,6 +357,8 @@ def main() -> None:
     p.add_argument("--regime", choices=[*REGIMES, "all"], default="all")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     p.add_argument("--seeds", type=int, default=SEEDS, help="seeds per method in the primary regime (1 elsewhere)")
+    p.add_argument("--only-seeds", type=lambda t: [int(x) for x in t.split(",")], default=None,
+                   help="train only these seeds (e.g. 1,2) to split one regime over processes; runs are locked")
     p.add_argument("--epochs", type=int, default=EPOCHS)
     p.add_argument("--train-subset", type=int, help="training images per regime (default: the regime's)")
     p.add_argument("--out", type=Path, default=RESULTS, help="results JSON")

@@ -6,7 +6,7 @@ Regimes (``REGIMES``; real Fashion-MNIST images, deterministic from their seeds)
   clutter fragments (``fashion-mnist-canvas``, :func:`distill.canvas.make_canvas_dataset`); teacher
   ``zoo:resnet10_narrow`` (ImageNet-style: 7×7 stride-2 stem + max-pool), student its factor-4
   aggressive-pool rewrite (strides [8, 1, 1, 2, 2, 1]) from :func:`passes.aggressive_pool`.
-- ``plain``: 28×28 Fashion-MNIST, teacher ``zoo:resnet_tiny`` (stride-1 stem, DESIGN §5), k=4.
+- ``plain``: 28×28 Fashion-MNIST, teacher ``zoo:resnet_tiny`` (stride-1 stem, docs/definitions.md §6), k=4.
 
 Per regime: one teacher (seed 0), then the students, all trained from scratch with the same
 recipe (SGD-Nesterov, one-cycle LR 0.1, batch 128, ``--epochs`` epochs, horizontal flips) and the

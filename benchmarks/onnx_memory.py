@@ -6,7 +6,7 @@ ResNet18, ResNet50 and MobileNetV2 (memplan zoo, torchvision architectures, rand
 in a fresh child process: peak RSS growth of one run plus the input, with onnxruntime's arena and
 memory patterns off ("no arena": every tensor its own allocation) and on (its default). The student
 is ``passes.aggressive_pool(factor=4)``, shown without and with RED blocks (``passes.attach_red``,
-input+output placement; DESIGN §2: they stay in the deployed student). Target: measured peak cut
+input+output placement; docs/definitions.md §3: they stay in the deployed student). Target: measured peak cut
 >= 2x (the ReDistill paper's v2 measured 2-3.2x on an edge GPU).
 
 Usage:

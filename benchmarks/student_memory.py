@@ -40,7 +40,7 @@ from passes import (
 
 RESULTS = Path(__file__).parent / "results" / "student_memory.json"
 FACTORS = (2, 4, 8)
-TARGETS = {"resnet18": 5.0, "resnet50": 4.0}  # ReDistill, k=4, ImageNet (DESIGN §2)
+TARGETS = {"resnet18": 5.0, "resnet50": 4.0}  # ReDistill, k=4, ImageNet (docs/definitions.md §3)
 
 
 def input_shape(name: str) -> tuple[int, ...]:

@@ -4,8 +4,8 @@
 ``canvas``×``canvas`` black image (96 = STL10's size), optionally rescaled, over ``clutter``
 fragments cut from *other* items of the same set at lower intensity. The classifier must find the
 full-intensity, whole object among partial, dimmer distractors — exactly the spatial detail an
-aggressive-pooling student (DESIGN §3) throws away, so the teacher-student gap is large, unlike
-on plain 28×28 Fashion-MNIST (DESIGN §5).
+aggressive-pooling student (docs/definitions.md §4) throws away, so the teacher-student gap is large, unlike
+on plain 28×28 Fashion-MNIST (docs/definitions.md §6).
 
 Calibrated regime (Fashion-MNIST, ``canvas=96, clutter=2, scale=(2, 2)``, 20k balanced training
 images, 8 epochs, zoo ``resnet10_narrow``): teacher ≈ 85.7% test accuracy, its k=4 student

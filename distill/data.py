@@ -1,4 +1,4 @@
-"""In-memory image datasets for teacher training and distillation (DESIGN §5).
+"""In-memory image datasets for teacher training and distillation (docs/definitions.md §6).
 
 ``load_data(spec)`` reads one of the registered formats into uint8 ``(N, C, H, W)`` tensors:
 

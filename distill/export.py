@@ -267,7 +267,7 @@ def export_onnx(
     tolerance: float = DEFAULT_TOLERANCE,
     seed: int = 0,
 ) -> ExportResult:
-    """Fold BN, export ``model`` to ``path``, check it and verify onnxruntime parity (DESIGN §1 deploy form).
+    """Fold BN, export ``model`` to ``path``, check it and verify onnxruntime parity (docs/definitions.md §2, deploy form).
 
     ``real_inputs`` is a batch of real samples for a single-input model (shape ``(N, *sample)``).
     Raises :class:`MemplanError` (and leaves ``path`` untouched) if export, the checker or parity

@@ -7,7 +7,7 @@ method-weighted terms. ``build_objective("red+kd")`` combines methods into an ``
 
     total = task_weight * CE(student_logits, labels) + distill_weight * sum(method terms)
 
-Defaults (DESIGN §4; mdistiller's per-method coefficients):
+Defaults (docs/definitions.md §5; mdistiller's per-method coefficients):
 
 - ``task_weight``: 1.0 when no method adds a term (``none``, ``red-blocks``), else 0.5;
   ``distill_weight``: 0.5 (the paper's 0.5 * task + 0.5 * distill).
@@ -207,7 +207,7 @@ class AT(DistillMethod):
 
 @register("red")
 class RED(DistillMethod):
-    """ReDistill: ``alpha * mean`` of the RED loss over the RED-block outputs (DESIGN §4)."""
+    """ReDistill: ``alpha * mean`` of the RED loss over the RED-block outputs (docs/definitions.md §5)."""
 
     needs_features = True
     needs_red_blocks = True

@@ -1,4 +1,4 @@
-"""ReDistill's RED block and RED loss (DESIGN §4, arXiv 2406.03744).
+"""ReDistill's RED block and RED loss (docs/definitions.md §5, arXiv 2406.03744).
 
 The RED block stays in the deployed student, so it is built from plain modules only: it traces with
 ``torch.fx`` and exports to ONNX without data-dependent control flow.

@@ -147,7 +147,7 @@ def analyze(
     method: str = "auto",
     leaf_modules: Sequence[type[nn.Module] | str] = (),
 ) -> MemoryReport:
-    """Peak activation memory of ``model`` in program order (DESIGN §1).
+    """Peak activation memory of ``model`` in program order (docs/definitions.md §1).
 
     ``inputs`` is an input shape, a tensor or a list of tensors (only shapes/dtypes are used; the
     analysis runs on fake tensors). The model is put in eval mode for the analysis.

@@ -2,7 +2,7 @@
 
 A :class:`MemGraph` is built from a :class:`~memplan.capture.CapturedGraph` by :func:`build_graph`.
 Aliases (views, getitem, in-place ops) share one storage because the fake tensors they came from
-share one; a form (DESIGN §1) may merge more storages: ``deploy`` folds eval BatchNorm into its
+share one; a form (docs/definitions.md §2) may merge more storages: ``deploy`` folds eval BatchNorm into its
 conv/linear and runs an activation in place over its producer's output when it is that output's
 only reader; ``inplace_elementwise`` additionally lets add/mul/sub/div overwrite a same-size input
 that no one else reads (ONNX Runtime's MayInplace). The rules are a table keyed by op kind.

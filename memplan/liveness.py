@@ -1,7 +1,7 @@
 """Liveness: when each storage is live for a given op order, and the live bytes at every step.
 
 A storage is live from the step of the op that allocates it (step 0 for graph inputs) to the step
-of its last reader; graph outputs live to the last step (DESIGN §1). The lower bound of an order
+of its last reader; graph outputs live to the last step (docs/definitions.md §1). The lower bound of an order
 is the maximum over steps of the live bytes.
 """
 

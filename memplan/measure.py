@@ -1,4 +1,4 @@
-"""Measured peak activation memory next to the theoretical one (DESIGN §1).
+"""Measured peak activation memory next to the theoretical one (docs/definitions.md §1).
 
 Three measurements, each counting the input like the theory does:
 

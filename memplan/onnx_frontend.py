@@ -5,7 +5,7 @@ Shapes come from ``onnx.shape_inference`` (strict mode; onnxruntime is not neede
 the exporter's zero-bias ``Expand``) are parameters, not activations. Alias ops (Reshape, Flatten,
 Squeeze, Unsqueeze, Identity, Dropout in inference) share their input's storage. Every node gets
 an op kind (conv, linear, bn, act, eltwise, other) from :data:`OP_KINDS`, so the same form rules
-as the PyTorch path apply (DESIGN §1): a model exported by memplan (BN already folded) has the same
+as the PyTorch path apply (docs/definitions.md §1): a model exported by memplan (BN already folded) has the same
 deploy-form peak as its PyTorch deploy form. Control flow (If, Loop, Scan) counts as one opaque op
 whose subgraph's own temporaries are not seen.
 

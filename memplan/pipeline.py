@@ -4,7 +4,7 @@
 
 1. **teacher**: train ``model`` on ``data`` (:func:`distill.trainer.train`, run directory
    ``RUN/teacher``), or take a given run directory of ``memplan train`` (or a checkpoint in one).
-2. **student**: the aggressive-pooling student (DESIGN §3) of factor ``factor``, or the least
+2. **student**: the aggressive-pooling student (docs/definitions.md §4) of factor ``factor``, or the least
    aggressive one whose deployed peak (RED blocks included) fits ``budget_bytes``
    (:func:`passes.fit_budget`, recipe in ``RUN/recipe.json``).
 3. **distill**: train the student with ``method`` (default ``red``) against the teacher
@@ -122,7 +122,7 @@ class Accuracy:
 class ModelSummary:
     """Teacher or student: files, memory (bytes, input counted), accuracy, size and speed.
 
-    ``peak_bytes``: PyTorch deploy form (DESIGN §1); ``onnx_peak_bytes``: the exported ONNX graph;
+    ``peak_bytes``: PyTorch deploy form (docs/definitions.md §2); ``onnx_peak_bytes``: the exported ONNX graph;
     ``ort_graph_peak_bytes``: the graph onnxruntime runs after its optimizations;
     ``measured_peak_bytes`` / ``measured_no_arena_peak_bytes``: peak RSS growth of one onnxruntime
     run with its default memory arena / without it; ``latency_ms``: median onnxruntime latency
@@ -454,7 +454,7 @@ def format_report(result: PipelineResult) -> str:
         "",
         format_table(result),
         "",
-        "Peaks count the input and exclude parameters (DESIGN §1); the student's include its RED blocks. "
+        "Peaks count the input and exclude parameters (docs/definitions.md §1); the student's include its RED blocks. "
         f"Teacher peaks at `{t.peak_node}`, the student at `{s.peak_node}`. The measured peak is the peak RSS "
         "growth of one onnxruntime run (default settings, memory arena on) in a child process (`memplan "
         "measure`): arena chunks, allocator granularity, in-place reuse and layout changes make it differ from "

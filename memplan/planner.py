@@ -1,5 +1,5 @@
 """Static arena planning: an offset for every storage so that storages live at the same time never
-share an address (DESIGN §1).
+share an address (docs/definitions.md §1).
 
 Each strategy turns lifetimes into offsets. The greedy strategies differ only in the order they
 place storages in; every storage then goes into the tightest gap left between the already placed

@@ -9,7 +9,7 @@ variants (``resnet18_small``, ``resnet_tiny``, ``resnet10_narrow``, ``mobilenet_
 (channels per layer; the stem's is ``widths[0]``), kept as their ``widths`` attribute.
 
 Every constructor takes ``num_classes``, ``in_chans`` and ``strides``: the list of the network's
-downsampling points in forward order (DESIGN §3). An aggressive-pool student is the same constructor
+downsampling points in forward order (docs/definitions.md §4). An aggressive-pool student is the same constructor
 with a different list, e.g. the ReDistill ResNet18 student ``resnet18(strides=[8, 1, 1, 2, 2, 1])``;
 every model keeps the resolved list as its ``strides`` attribute (a tuple). A wrong length or a
 non-positive entry raises :class:`ZooError` (a ``ValueError``) naming the expected slots.
@@ -481,7 +481,7 @@ def resnet18_small(**kwargs: Any) -> ResNet:
 
 @register_model(default_input=(1, 1, 28, 28))
 def resnet_tiny(**kwargs: Any) -> ResNet:
-    """The DESIGN §5 calibration teacher: small stem to 16 ch, BasicBlock stages 16/32/64 (2 blocks each).
+    """The docs/definitions.md §6 calibration teacher: small stem to 16 ch, BasicBlock stages 16/32/64 (2 blocks each).
 
     Defaults: ``in_chans=1``, ``num_classes=10``, strides [conv1, maxpool, layer1, layer2, layer3] =
     [1, 1, 1, 2, 2] (28 → 28/14/7 px). The k=4 student is ``strides=[1, 4, 1, 1, 1]`` (4×4 max-pool

@@ -1,4 +1,4 @@
-"""Graph rewrites on traced CNNs: aggressive-pooling students (DESIGN §3), RED attachment (§4), budgets.
+"""Graph rewrites on traced CNNs: aggressive-pooling students (docs/definitions.md §4), RED attachment (§5), budgets.
 
 Example:
     >>> import torch

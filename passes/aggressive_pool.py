@@ -1,4 +1,4 @@
-"""Aggressive-pooling students (DESIGN §3), derived from the traced graph of any CNN.
+"""Aggressive-pooling students (docs/definitions.md §4), derived from the traced graph of any CNN.
 
 A factor-``k`` student moves ``k`` of downsampling into the stem and takes it out again further on,
 so every early feature map is ``k`` times smaller per side while the final map — and the classifier —

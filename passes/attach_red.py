@@ -1,4 +1,4 @@
-"""Attach ReDistill's RED blocks (DESIGN §4) to a student at its stage-map points, by graph rewriting.
+"""Attach ReDistill's RED blocks (docs/definitions.md §5) to a student at its stage-map points, by graph rewriting.
 
 The blocks stay in the deployed student, so their memory counts: the deploy-form peak of the module
 :func:`attach_red` returns is what ``fit_budget`` and ``memplan student`` report as the peak with RED.

@@ -3,7 +3,7 @@
 Candidates are tried in order of aggressiveness: factor ``k`` ascending; for each ``k`` the paper's
 absorb order (``"stem"``) before ``"latest"``; for each, the RED placement ``"input+output"`` (more
 blocks, ReDistill's better setting) before ``"output"``. The peak is the deploy-form peak of the
-student *with* the RED blocks distillation will attach (DESIGN §4) unless ``with_red=False``. The first
+student *with* the RED blocks distillation will attach (docs/definitions.md §5) unless ``with_red=False``. The first
 candidate that fits wins; when none does, :class:`BudgetError` states the best achievable peak.
 
 Example:

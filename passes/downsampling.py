@@ -1,4 +1,4 @@
-"""Downsampling analysis (DESIGN §3): where a CNN's spatial size drops, and which drops are coupled.
+"""Downsampling analysis (docs/definitions.md §4): where a CNN's spatial size drops, and which drops are coupled.
 
 Works on the traced ``torch.fx`` graph with fake-tensor shapes (:func:`memplan.capture.capture`), never
 on architecture names.
@@ -281,7 +281,7 @@ class DownsamplingAnalysis:
 
 
 def deploy_peak(captured: CapturedGraph) -> int:
-    """Deploy-form peak (DESIGN §1) of a captured model: what ``memplan.analyze`` reports."""
+    """Deploy-form peak (docs/definitions.md §1) of a captured model: what ``memplan.analyze`` reports."""
     return report_from_graph(build_graph(captured, form="deploy")).peak_bytes
 
 

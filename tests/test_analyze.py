@@ -1,4 +1,4 @@
-"""Hand-computed peaks on tiny graphs, the paper's numbers, and the capture fallbacks (DESIGN §1-§2)."""
+"""Hand-computed peaks on tiny graphs, the paper's numbers, and the capture fallbacks (docs/definitions.md §1-§3)."""
 
 import subprocess
 import sys

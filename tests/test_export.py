@@ -66,14 +66,14 @@ def test_export_parity_and_onnx_peak(tmp_path, name, variant):
     assert 0 < len(res.folded) <= n_bn
     if variant == "student+red":  # both BNs of every RED block are folded
         assert sum(bn.startswith("red_") for _, bn in res.folded) == 2 * len(model.red_points)
-    # the exported graph has the same deploy-form peak as the PyTorch model (DESIGN §1), exactly
+    # the exported graph has the same deploy-form peak as the PyTorch model (docs/definitions.md §1), exactly
     assert analyze_onnx(path).peak_bytes == analyze(model, shape).peak_bytes
     if name in AT_224:
         big = (1, 3, 224, 224)
         peak = analyze_onnx(path, input_shapes=[big]).peak_bytes
         assert peak == analyze(model, big).peak_bytes
         if (name, variant) == ("resnet18", "teacher"):
-            assert peak == 4_014_080  # DESIGN §2: 3.828125 MiB
+            assert peak == 4_014_080  # docs/definitions.md §3: 3.828125 MiB
 
 
 def test_dynamic_batch(tmp_path):

@@ -1,4 +1,4 @@
-"""DESIGN §2: the ReDistill paper's peak memory numbers, deploy form, 1x3x224x224 fp32."""
+"""docs/definitions.md §3: the ReDistill paper's peak memory numbers, deploy form, 1x3x224x224 fp32."""
 
 import pytest
 

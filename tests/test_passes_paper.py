@@ -1,4 +1,4 @@
-"""ReDistill's numbers (DESIGN §2, §3, §5), RED attachment and budget search on zoo models."""
+"""ReDistill's numbers (docs/definitions.md §3, §4, §6), RED attachment and budget search on zoo models."""
 
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def test_resnet50_k4_peak() -> None:
 
 
 def test_resnet_tiny_matches_the_calibration_student() -> None:
-    """DESIGN §5: stem, then a 4×4 max-pool, later strides 1; RED on stem, stage 1, stage 2 at 7×7."""
+    """docs/definitions.md §6: stem, then a 4×4 max-pool, later strides 1; RED on stem, stage 1, stage 2 at 7×7."""
     student = aggressive_pool(create_model("resnet_tiny"), torch.empty(1, 1, 28, 28), factor=4)
     reference = create_model("resnet_tiny", strides=[1, 4, 1, 1, 1])
     assert student.peak_bytes == analyze(reference, (1, 1, 28, 28)).peak_bytes

@@ -1,6 +1,6 @@
 """``memplan distill --teacher RUN (--factor K | --recipe FILE) --method red``: train a memory-reduced student.
 
-The student is the teacher's architecture rewritten by the aggressive-pooling pass (DESIGN §3) —
+The student is the teacher's architecture rewritten by the aggressive-pooling pass (docs/definitions.md §4) —
 ``--factor K`` or a saved ``--recipe`` — trained from scratch with a method of the
 :mod:`distill.losses` registry (``none``, ``red-blocks``, ``kd``, ``at``, ``fitnet``, ``red``,
 ``red+kd``...). RED blocks are attached by graph rewriting at the stage map (``--placement``) and stay

@@ -1,7 +1,7 @@
-"""``memplan student MODEL``: derive an aggressive-pooling student (DESIGN §3) and report its memory.
+"""``memplan student MODEL``: derive an aggressive-pooling student (docs/definitions.md §4) and report its memory.
 
 Prints teacher vs student deploy-form peak and ratio, the changed strides, the stage map and the
-peak with the RED blocks distillation attaches (DESIGN §4); ``--out DIR`` writes ``recipe.json`` and
+peak with the RED blocks distillation attaches (docs/definitions.md §5); ``--out DIR`` writes ``recipe.json`` and
 ``student.pt`` (the student's state_dict); ``--recipe`` re-applies a saved recipe.
 
 Example:

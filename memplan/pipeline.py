@@ -274,15 +274,16 @@ def run_pipeline(config: PipelineConfig) -> PipelineResult:
     needs_red = build_objective(config.method).needs_red_blocks
     if config.teacher is not None:  # refuse a bad --teacher before anything is written
         _teacher_config(RunDir.from_checkpoint(config.teacher)[0], config.model, config.trust_code)
-    with RunDir(config.out_dir).lock():  # one pipeline per output directory
-        return _run_locked(config, needs_red)
-
-
-def _run_locked(config: PipelineConfig, needs_red: bool) -> PipelineResult:
-    out = Path(config.out_dir)
     base = _base_config(config)
     bundle = _load_data(base)
     shape = _deploy_shape(config, bundle)
+    with RunDir(config.out_dir).lock():  # one pipeline per output directory
+        return _run_locked(config, needs_red, base, bundle, shape)
+
+
+def _run_locked(config: PipelineConfig, needs_red: bool, base: TrainConfig, bundle: DataBundle,
+                shape: tuple[int, ...]) -> PipelineResult:
+    out = Path(config.out_dir)
 
     teacher_run, teacher_weights = _teacher_stage(config, base, out)
     teacher = teacher_run.load_model(teacher_weights, trust_code=config.trust_code)

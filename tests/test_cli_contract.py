@@ -43,6 +43,10 @@ def hostile(tmp_path_factory):
     (d / "bad_pool.json").write_text(json.dumps({"format": "memplan-student-recipe/1", "model": "ResNet",
                                                   "input_shape": [1, 1, 28, 28], "factor": 2, "pool": "median",
                                                   "absorb": "stem", "changes": []}))
+    (d / "bad_pool_kind.json").write_text(json.dumps({
+        "format": "memplan-student-recipe/1", "model": "ResNet", "input_shape": [1, 1, 28, 28], "factor": 2,
+        "pool": "max", "absorb": "stem",
+        "changes": [{"action": "insert_pool", "after": "relu", "name": "p", "kind": "median_pool", "size": 2}]}))
     # a run directory whose config names code to run, and one with a malicious checkpoint
     for name, cfg in (("evil_run", {"model": "subprocess:run", "model_kwargs": {"args": "touch PWNED"}}),
                       ("run", {"model": "zoo:resnet_tiny", "model_kwargs": {"num_classes": 10, "in_chans": 1}})):
@@ -76,6 +80,7 @@ CASES = {
     # student
     "student-out-is-a-file": ["student", "zoo:resnet_tiny", "--factor", "2", "--out", "{d}/a_file"],
     "student-recipe-unknown-pool": ["student", "zoo:resnet_tiny", "--recipe", "{d}/bad_pool.json"],
+    "student-recipe-unknown-pool-kind": ["student", "zoo:resnet_tiny", "--recipe", "{d}/bad_pool_kind.json"],
     "student-bad-budget": ["student", "zoo:resnet_tiny", "--budget", "lots"],
     # export
     "export-untrusted-run-config": ["export", "{d}/evil_run", "--out", "{d}/x.onnx"],

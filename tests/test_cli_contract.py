@@ -199,3 +199,20 @@ def test_trusted_code_runs_when_asked(tmp_path, capsys):
     assert main(["export", str(out), "--out", str(tmp_path / "n.onnx")]) == 2  # the run's config names code
     assert main(["export", str(out), "--trust-code", "--out", str(tmp_path / "n.onnx")]) == 0
     capsys.readouterr()
+
+
+def test_an_image_over_the_decompression_limit_is_refused_before_decoding(tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            (tmp_path / "imgs" / split / cls).mkdir(parents=True)
+            Image.new("RGB", (40, 40)).save(tmp_path / "imgs" / split / cls / "x.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 40x40 = 1600 pixels: a "bomb" at this limit
+    decoded = []
+    monkeypatch.setattr(Image.Image, "convert", lambda self, *a, **k: decoded.append(1))
+    assert main(["train", "zoo:resnet_tiny", "--data", f"imagefolder:{tmp_path / 'imgs'}", "--out",
+                 str(tmp_path / "run"), "device=cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "over Pillow's decompression limit" in err and err.count("\n") == 1 and not decoded
+    assert not (tmp_path / "run").exists()

@@ -47,7 +47,7 @@ from distill.red import attach_red
 from memplan.errors import MemplanError
 from memplan.io import atomic_write, check_destination, load_torch, save_torch, write_text_atomic
 from memplan.specs import build_model
-from passes import PassError, Recipe, apply_recipe
+from passes import Recipe, apply_recipe
 
 __all__ = ["RunDir", "RunError", "RunLockedError", "load_weights", "state_digest"]
 
@@ -261,16 +261,13 @@ class RunDir:
 
     def recipe(self) -> tuple[Recipe, str | None]:
         """The student recipe and its RED placement."""
-        try:
-            doc = json.loads((self.path / self.RECIPE).read_text())
-        except FileNotFoundError:
-            raise RunError(f"run directory '{self.path}' has no {self.RECIPE} (not a derived student)") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise RunError(f"{self.path / self.RECIPE}: unreadable ({type(e).__name__}: {e})") from None
-        try:
-            return Recipe.from_json(doc), doc.get("red_placement")
-        except PassError as e:
-            raise RunError(f"{self.path / self.RECIPE}: {e}") from None
+        if not self.has(self.RECIPE):
+            raise RunError(f"run directory '{self.path}' has no {self.RECIPE} (not a derived student)")
+        recipe = Recipe.load(self.path / self.RECIPE)  # a PassError naming the file when it is unreadable
+        placement = json.loads((self.path / self.RECIPE).read_text()).get("red_placement")
+        if placement is not None and not isinstance(placement, str):
+            raise RunError(f"{self.path / self.RECIPE}: red_placement must be a string or null")
+        return recipe, placement
 
     def input_shape(self) -> tuple[int, ...]:
         """The model's deploy input shape (``run.json``, else the recipe's)."""
@@ -293,11 +290,8 @@ class RunDir:
         if not cfg.teacher:
             raise RunError(f"{source} names no teacher for the student recipe {self.path / self.RECIPE}")
         recipe, placement = self.recipe()
-        try:
-            student = apply_recipe(build_model(cfg.teacher, cfg.teacher_kwargs, source=source), recipe)
-            return attach_red(student.module, student.stage_map, placement) if placement else student.module
-        except PassError as e:
-            raise RunError(f"{self.path}: cannot rebuild the student: {e}") from None
+        student = apply_recipe(build_model(cfg.teacher, cfg.teacher_kwargs, source=source), recipe)
+        return attach_red(student.module, student.stage_map, placement) if placement else student.module
 
     def load_model(self, weights: str | None = None, *, trust_code: bool = False) -> nn.Module:
         """:meth:`build_model` with the weights of ``weights`` (default :meth:`weights_file`), in eval mode.

@@ -212,7 +212,7 @@ class Recipe:
         """Read a recipe written by :meth:`save`."""
         try:
             return cls.from_json(json.loads(Path(path).read_text()))
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise PassError(f"cannot read recipe '{path}': {e}") from e
 
 

@@ -458,7 +458,7 @@ def simulate_bfc_arena(events: Sequence[tuple[str, int, int]], *, initial_chunk:
 
     Example:
         >>> r = simulate_bfc_arena([("alloc", 0, 600_000), ("alloc", 1, 600_000), ("free", 0, 0), ("alloc", 2, 300_000)])
-        >>> r.regions, r.peak_in_use_bytes  # 1 MiB holds the first; the second needs a new 2 MiB region
+        >>> r.regions, r.touched_bytes  # 1 MiB holds the first; the second needs a new 2 MiB region
         ((1048576, 2097152), 1200128)
     """
     region_sizes: list[int] = []

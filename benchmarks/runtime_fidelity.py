@@ -151,8 +151,8 @@ def regnet_style() -> nn.Module:
 
 def _student(teacher: str, *, ort_form: bool = False) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
-        from distill.red import ort_friendly
-        from passes import aggressive_pool, attach_red
+        from distill.red import attach_red, ort_friendly
+        from passes import aggressive_pool
 
         s = aggressive_pool(create_model(teacher), torch.empty(1, 3, 224, 224), factor=4)
         student = attach_red(s.module, s.stage_map, "input+output")

@@ -598,7 +598,7 @@ def analyze_runtime(
     import torch
 
     from memplan.export import export_onnx
-    from memplan.loader import default_input, load_model
+    from memplan.specs import default_input, load_model
 
     module = load_model(model) if isinstance(model, str) else model
     shape = list(input_shape or (default_input(model) if isinstance(model, str) else (1, 3, 224, 224)))

@@ -10,14 +10,14 @@ import torch.nn.functional as F
 import yaml
 from sklearn.datasets import load_digits
 
-from distill.run import load_run
+from distill.red import attach_red
+from distill.run import RunDir
 from memplan import analyze
 from memplan.cli import main
 from memplan.export import export_onnx
 from memplan.onnx_frontend import analyze_onnx
 from memplan.zoo import create_model, default_input, list_models
 from passes.aggressive_pool import aggressive_pool
-from passes.attach_red import attach_red
 
 SIZE = 64  # ImageNet-size models are exported at 64x64 (the graph, not the canvas, costs time)
 # Export costs 2-20 s per model on 2 cores, so the default run keeps one model per family (BasicBlock
@@ -144,7 +144,7 @@ def _run_dir(tmp_path, red):
 @pytest.mark.parametrize("red", [False, True], ids=["plain", "red"])
 def test_run_directory(tmp_path, capsys, red):
     run, student = _run_dir(tmp_path, red)
-    model, shape = load_run(run)
+    model, shape = RunDir.open(run).load_model(), RunDir.open(run).input_shape()
     x = torch.randn(shape)
     with torch.no_grad():
         torch.testing.assert_close(model(x), student(x))
@@ -156,10 +156,10 @@ def test_run_directory(tmp_path, capsys, red):
 
 
 def test_unsupported_run_directory_is_one_line_error(tmp_path, capsys):
-    (tmp_path / "config.yaml").write_text("model: x\n")
+    (tmp_path / "notes.txt").write_text("not a run\n")
     assert main(["export", str(tmp_path), "--out", str(tmp_path / "x.onnx")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "recipe.json" in err
+    assert err.count("\n") == 0 and "is not a memplan run directory" in err
 
 
 class _ShapeBranch(torch.nn.Module):

@@ -18,7 +18,7 @@ BYTE_ROWS = {  # report.md row label -> report.json key of each model
 }
 
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.slow]  # each test trains two runs
 
 
 @pytest.fixture(scope="module")

@@ -514,8 +514,9 @@ class TraceComparison:
                 shown = ", ".join(f"{fmt_bytes(n)} at {t}" for t, n in sorted(items, key=lambda i: -i[1])[:4])
                 lines.append(f"  {label}: {len(items)} blocks, {fmt_bytes(total)} ({shown})")
         if self.rss_minus_trace is not None:
-            lines.append(f"  RSS - traced peak: {fmt_bytes(self.rss_minus_trace)} (pages, untouched tails, RSS "
-                         "counter granularity)")
+            lines.append(f"  RSS - traced peak: {fmt_bytes(self.rss_minus_trace)} (below zero: blocks under "
+                         "MALLOC_MMAP_THRESHOLD_ reuse heap pages kept from the warm-ups, which RSS growth cannot "
+                         "see; above: 4 KiB pages, allocations under 4 KiB, lazily updated RSS counters)")
         return "\n".join(lines)
 
 

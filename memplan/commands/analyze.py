@@ -19,7 +19,10 @@ def configure(p: argparse.ArgumentParser) -> None:
     """Arguments of ``memplan analyze``."""
     p.add_argument("model", help="zoo:NAME, torchvision:NAME, timm:NAME, FILE.py:CALLABLE, pkg.module:CALLABLE or FILE.onnx")
     p.add_argument("--input", default=None, help="input shape, e.g. 1,3,224,224")
-    p.add_argument("--form", choices=FORMS, default="deploy")
+    p.add_argument("--form", choices=FORMS, default="deploy",
+                   help="the graph's own peak: 'deploy' (default) is an idealised edge runtime (BN folded, "
+                        "activations in place) for comparing architectures; 'as-written' runs every op as "
+                        "captured. For what a real runtime uses, see --runtime")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")
     p.add_argument("--inplace-elementwise", action="store_true",
                    help="also let add/mul/sub/div overwrite a same-size input nobody else reads")
@@ -33,11 +36,11 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ort-optimized", action="store_true",
                    help="for FILE.onnx: analyse the graph onnxruntime runs after its fusions")
     p.add_argument("--runtime", choices=("ort", "ort-arena"), default=None,
-                   help="predict what one onnxruntime CPU inference really uses (a PyTorch model is exported "
-                        "first): its optimized graph, execution order, in-place kernels and allocation planner, "
-                        "arena off ('ort') or with its BFC arena ('ort-arena'). Without it, --form gives the "
-                        "graph's own peak: 'deploy' (an idealised edge runtime: BN folded, activations in place; "
-                        "use it to compare architectures) or 'as-written' (every op as captured)")
+                   help="predict the peak one onnxruntime CPU inference really uses, input included (a PyTorch "
+                        "model is exported first): its optimized graph, execution order, in-place kernels and "
+                        "allocation planner; 'ort' with the arena off (what 'memplan measure' measures cleanly), "
+                        "'ort-arena' through its BFC arena (its default allocator). Use it to ask 'will it fit "
+                        "with onnxruntime'")
     p.set_defaults(func=run)
 
 

@@ -213,13 +213,18 @@ def load_ort_graph(path: str | Path, input_shapes: Sequence[Sequence[int]] | Non
     """What onnxruntime (CPU, default optimization level) runs for ``path``: see the module docstring.
 
     Example:
-        >>> import tempfile, torch
-        >>> from memplan.export import export_onnx
+        >>> import tempfile, onnx
+        >>> from onnx import TensorProto, helper, numpy_helper
+        >>> import numpy as np
+        >>> w = numpy_helper.from_array(np.ones((8, 3, 3, 3), np.float32), "w")
+        >>> nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"), helper.make_node("Relu", ["c"], ["y"])]
+        >>> v = lambda n, s: helper.make_tensor_value_info(n, TensorProto.FLOAT, s)
         >>> path = tempfile.mkdtemp() + "/n.onnx"
-        >>> _ = export_onnx(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU()), torch.zeros(1, 3, 8, 8), path)
+        >>> onnx.save(helper.make_model(helper.make_graph(nodes, "g", [v("x", [1, 3, 8, 8])], [v("y", [1, 8, 6, 6])],
+        ...                                               [w])), path)
         >>> g = load_ort_graph(path)
-        >>> [n.op_type for n in g.nodes][-1], g.nbytes[g.outputs[0]]  # conv+relu fused; 8x6x6 floats
-        ('ReorderOutput', 1152)
+        >>> [n.op_type for n in g.nodes if n.op_type == "Relu"], g.nbytes["y"]  # relu fused into the conv; 8x6x6 floats
+        ([], 1152)
     """
     try:
         import onnxruntime as ort
@@ -585,9 +590,15 @@ def analyze_runtime(
     (:func:`memplan.export.export_onnx`, the same export as ``memplan export``).
 
     Example:
-        >>> r = analyze_runtime("zoo:resnet_tiny")
-        >>> r.form, r.peak_bytes > r.input_bytes
-        ('runtime=ort', True)
+        >>> import tempfile, onnx
+        >>> from onnx import TensorProto, helper
+        >>> v = lambda n: helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 4, 64, 64])
+        >>> path = tempfile.mkdtemp() + "/t.onnx"
+        >>> onnx.save(helper.make_model(helper.make_graph([helper.make_node("Tanh", ["x"], ["y"])], "g", [v("x")],
+        ...                                               [v("y")])), path)
+        >>> r = analyze_runtime(path, (2, 4, 64, 64))
+        >>> r.form, r.peak_bytes // 2**17, [t.tensor for t in r.live_at_peak]  # input + output, 128 KiB each
+        ('runtime=ort', 2, ['x', 'y'])
     """
     if runtime not in RUNTIMES:
         raise MemplanError(f"unknown runtime '{runtime}' (use {' or '.join(RUNTIMES)})")

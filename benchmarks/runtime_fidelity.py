@@ -258,7 +258,12 @@ def main() -> None:
     print()
     print(table(rows))
     worst = max((abs(r["error_ort_pct"]) for r in rows), default=0.0)
-    print(f"\nworst |error| of --runtime ort: {worst:.1f}% (target 10%, goal 5%); error = (predicted - measured) / "
+    worst4k = max((abs(r["error_ort_mmap4k_pct"]) for r in rows), default=0.0)
+    worst_trace = max((abs(r["predicted_ort_bytes"] / r["traced_bytes"] - 1) * 100 for r in rows if r["traced_bytes"]),
+                      default=0.0)
+    print(f"\nworst |error| of --runtime ort: {worst:.1f}% against the clean method, {worst4k:.1f}% against it with "
+          f"the 4 KiB threshold, {worst_trace:.1f}% against the allocator trace (target 10%, goal 5%)")
+    print("error = (predicted - measured) / "
           "measured; measured = onnxruntime, clean method (MALLOC_MMAP_THRESHOLD_=65536), median of 5, input "
           "included; meas. 4K = the same with MALLOC_MMAP_THRESHOLD_=4096 (tensors of 4-64 KiB also leave RSS "
           "when freed; at 65536 they live in heap pages kept from the warm-ups, which RSS growth cannot see); "

@@ -242,6 +242,7 @@ def load_ort_graph(path: str | Path, input_shapes: Sequence[Sequence[int]] | Non
         so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
         so.enable_profiling = True
         so.profile_file_prefix = str(tmp_path / "profile")
+        so.log_severity_level = 4  # a session that fails to load still logs that it has no profile to end
         try:
             sess = ort.InferenceSession(str(static), so, providers=["CPUExecutionProvider"])
             feeds = {i.name: np.zeros(_dims(i.shape, i.name), dtype=_np_type(i.type)) for i in sess.get_inputs()}
@@ -250,7 +251,8 @@ def load_ort_graph(path: str | Path, input_shapes: Sequence[Sequence[int]] | Non
         except MemplanError:
             raise
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
-            raise MemplanError(f"onnxruntime cannot load or run {path}: {describe_error(e)}") from e
+            reason = describe_error(e).replace(str(static), str(path))
+            raise MemplanError(f"onnxruntime cannot load or run {path}: {reason}") from None
         optimized = onnx.load(str(tmp_path / "optimized.onnx"))
     return _graph_from(optimized, model, profile, name=Path(path).stem)
 

@@ -147,6 +147,16 @@ def test_one_line_errors(tmp_path, capsys):
         assert len(err.splitlines()) == 1 and "error" in err
     with pytest.raises(MemplanError, match="unknown runtime"):
         predict_ort(bad, runtime="tflite")
+    # a valid ONNX file onnxruntime cannot load (an op no kernel implements)
+    v = helper.make_tensor_value_info
+    graph = helper.make_graph([helper.make_node("Frobnicate", ["x"], ["y"], domain="custom.ops")], "g",
+                              [v("x", TensorProto.FLOAT, [1, 4])], [v("y", TensorProto.FLOAT, [1, 4])])
+    custom = tmp_path / "custom.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("custom.ops", 1)]),
+              str(custom))
+    assert main(["analyze", str(custom), "--runtime", "ort"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "onnxruntime cannot load" in err and "Frobnicate" in err and "static.onnx" not in err
 
 
 def test_red_export_form_is_the_same_function_and_smaller(tmp_path):

@@ -418,7 +418,7 @@ def _numel(shape: Sequence[int]) -> int:
 
 def measure(
     model: str | nn.Module, input_shape: Sequence[int] | None = None, *, name: str = "", runs: int = 5,
-    threads: int = 1, repeats: int = 5, trace: bool = True,
+    threads: int = 1, repeats: int = 5, trace: bool = False,
 ) -> MeasureReport:
     """Theory and measurements for a model spec, an ``nn.Module`` or an ``.onnx`` file (module docstring).
 

@@ -14,6 +14,7 @@ True
 
 from __future__ import annotations
 
+import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -21,7 +22,7 @@ from torch import Tensor, nn
 from memplan.errors import MemplanError
 from passes import StageMap, attach_blocks
 
-__all__ = ["REDBlock", "attach_red", "red_loss"]
+__all__ = ["ChunkedREDBlock", "REDBlock", "attach_red", "ort_friendly", "red_loss"]
 
 
 class REDBlock(nn.Module):
@@ -98,3 +99,82 @@ def attach_red(student: nn.Module, stage_map: StageMap, placement: str = "input+
     ['red_out0', 'red_out1', 'red_out2']
     """
     return attach_blocks(student, stage_map, placement, REDBlock, prefix="red")
+
+
+class ChunkedREDBlock(nn.Module):
+    """The same function as a (trained, eval-mode) :class:`REDBlock`, computed in ``chunks`` slices of
+    output channels and concatenated: the form onnxruntime keeps small.
+
+    onnxruntime's binary element-wise kernels never write in place and its execution order puts the
+    body conv before the gate, so a whole-map RED block holds four maps at once (x, body, gate,
+    product). Slice by slice, only x, the finished slices and one slice's temporaries are live:
+    about two maps. BatchNorm is folded into the sliced convs (eval statistics), as the exporter
+    would do.
+
+    >>> import torch
+    >>> block = REDBlock(8).eval()
+    >>> x = torch.randn(1, 8, 6, 6)
+    >>> torch.allclose(ChunkedREDBlock(block, 4)(x), block(x), atol=1e-6)
+    True
+    """
+
+    def __init__(self, block: REDBlock, chunks: int) -> None:
+        super().__init__()
+        c = block.channels
+        if chunks < 1 or c % chunks:
+            raise ValueError(f"ChunkedREDBlock needs chunks dividing {c} channels, got {chunks}")
+        self.channels, self.chunks = c, chunks
+        gw, gb = _fold(block.gate_conv, block.gate_bn)
+        bw, bb = _fold(block.body_conv, block.body_bn)
+        step = c // chunks
+        self.gate = nn.ModuleList(_conv_from(gw[i:i + step], gb[i:i + step], 0) for i in range(0, c, step))
+        self.body = nn.ModuleList(_conv_from(bw[i:i + step], bb[i:i + step], 1) for i in range(0, c, step))
+        # x's slice k as a 1x1 conv with 0/1 weights (exact for finite x): a Slice would make
+        # onnxruntime copy all of x back out of its blocked NCHWc layout first
+        eye = torch.eye(c)[:, :, None, None]
+        self.pick = nn.ModuleList(_conv_from(eye[i:i + step], None, 0) for i in range(0, c, step))
+
+    def forward(self, x: Tensor) -> Tensor:
+        outs = [pick(x) * gate(x).sigmoid() + F.relu6(body(x))
+                for pick, gate, body in zip(self.pick, self.gate, self.body)]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
+
+
+def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    bias = bn.bias - bn.running_mean * scale
+    if conv.bias is not None:
+        bias = bias + conv.bias * scale
+    return conv.weight * scale[:, None, None, None], bias
+
+
+def _conv_from(weight: Tensor, bias: Tensor | None, padding: int) -> nn.Conv2d:
+    conv = nn.Conv2d(weight.shape[1], weight.shape[0], weight.shape[2], padding=padding, bias=bias is not None)
+    with torch.no_grad():
+        conv.weight.copy_(weight)
+        if bias is not None:
+            conv.bias.copy_(bias)
+    return conv
+
+
+def ort_friendly(model: nn.Module, chunks: int = 16) -> nn.Module:
+    """An eval copy of ``model`` whose RED blocks are :class:`ChunkedREDBlock` s (``chunks`` slices, or
+    the largest divisor of the channel count below it): the same function, the export form
+    onnxruntime runs in about two maps per block instead of four.
+
+    >>> import torch
+    >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), REDBlock(8)).eval()
+    >>> x = torch.randn(1, 3, 9, 9)
+    >>> torch.allclose(ort_friendly(net)(x), net(x), atol=1e-6)
+    True
+    """
+    import copy
+
+    model = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        for parent in list(model.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, REDBlock):
+                    k = max(d for d in range(1, chunks + 1) if child.channels % d == 0)
+                    setattr(parent, name, ChunkedREDBlock(child, k))
+    return model

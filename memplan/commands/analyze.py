@@ -19,7 +19,10 @@ def configure(p: argparse.ArgumentParser) -> None:
     """Arguments of ``memplan analyze``."""
     p.add_argument("model", help="zoo:NAME, torchvision:NAME, timm:NAME, FILE.py:CALLABLE, pkg.module:CALLABLE or FILE.onnx")
     p.add_argument("--input", default=None, help="input shape, e.g. 1,3,224,224")
-    p.add_argument("--form", choices=FORMS, default="deploy")
+    p.add_argument("--form", choices=FORMS, default="deploy",
+                   help="the graph's own peak: 'deploy' (default) is an idealised edge runtime (BN folded, "
+                        "activations in place) for comparing architectures; 'as-written' runs every op as "
+                        "captured. For what a real runtime uses, see --runtime")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")
     p.add_argument("--inplace-elementwise", action="store_true",
                    help="also let add/mul/sub/div overwrite a same-size input nobody else reads")
@@ -32,12 +35,27 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top", type=int, default=10, help="rows of the live-at-peak table")
     p.add_argument("--ort-optimized", action="store_true",
                    help="for FILE.onnx: analyse the graph onnxruntime runs after its fusions")
+    p.add_argument("--runtime", choices=("ort", "ort-arena"), default=None,
+                   help="predict the peak one onnxruntime CPU inference really uses, input included (a PyTorch "
+                        "model is exported first): its optimized graph, execution order, in-place kernels and "
+                        "allocation planner; 'ort' with the arena off (what 'memplan measure' measures cleanly), "
+                        "'ort-arena' through its BFC arena (its default allocator). Use it to ask 'will it fit "
+                        "with onnxruntime'")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Execute ``memplan analyze``."""
-    if args.model.endswith(".onnx"):
+    if args.runtime:
+        from memplan.errors import MemplanError
+        from memplan.ort_runtime import analyze_runtime
+
+        if args.order != "program" or args.ort_optimized or args.form != "deploy" or args.dtype != "float32" \
+                or args.inplace_elementwise:
+            raise MemplanError("--runtime predicts onnxruntime's own plan (its order, float32 as exported): "
+                               "it does not combine with --order/--form/--dtype/--inplace-elementwise/--ort-optimized")
+        report = analyze_runtime(args.model, parse_shape(args.input) if args.input else None, runtime=args.runtime)
+    elif args.model.endswith(".onnx"):
         from memplan.onnx_ort import analyze_onnx_file
 
         report = analyze_onnx_file(args.model, ort_optimized=args.ort_optimized, input_shape=args.input,
@@ -48,7 +66,10 @@ def run(args: argparse.Namespace) -> int:
         report = analyze(model, shape, form=args.form, dtype=args.dtype,
                          inplace_elementwise=args.inplace_elementwise, name=args.model)
     notes = []
-    if args.order == "best":
+    if args.runtime:
+        notes.append(f"runtime          onnxruntime CPU, {'BFC arena' if args.runtime == 'ort-arena' else 'arena off'}"
+                     f", 1 thread: {report.extra['placements']}")
+    elif args.order == "best":
         schedule = best_order(report.graph)
         report = report_from_graph(report.graph, order=schedule.order, param_bytes=report.param_bytes,
                                    model=report.model)
@@ -58,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         notes.append(f"order            best: {schedule.saving:.1%} below program order ({proof}, found by "
                      f"{schedule.source}, {schedule.seconds:.2f} s)")
     else:
-        report.extra["order_method"] = "program"
+        report.extra["order_method"] = "onnxruntime" if args.runtime else "program"
     plan = plan_arena(report.lifetimes, alignment=args.align)
     report.extra.update(order=report.order, arena_bytes=plan.arena_bytes, lower_bound_bytes=plan.lower_bound_bytes,
                         arena_ratio=round(plan.ratio, 6), arena_strategy=plan.strategy, alignment=plan.alignment)

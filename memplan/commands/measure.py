@@ -15,7 +15,11 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="a model spec (zoo:NAME, FILE.py:CALLABLE, ...) or FILE.onnx")
     p.add_argument("--input", default=None, help="input shape, e.g. 1,3,224,224 (default: the model's)")
     p.add_argument("--runs", type=int, default=10, help="onnxruntime runs for the median latency")
-    p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0 = its default)")
+    p.add_argument("--repeats", type=int, default=5, help="measured runs per onnxruntime mode (min/median/max)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="onnxruntime intra-op threads (1: the clean method; 0 = onnxruntime's default)")
+    p.add_argument("--no-trace", action="store_true",
+                   help="skip the allocator trace that names the tensors behind a predicted/measured difference")
     p.add_argument("--json", metavar="PATH", help="write the measurements as JSON ('-' = stdout)")
     p.set_defaults(func=run)
 
@@ -25,7 +29,8 @@ def run(args: argparse.Namespace) -> int:
     from memplan.measure import measure
 
     shape = parse_shape(args.input) if args.input else None
-    report = measure(args.model, shape, runs=args.runs, threads=args.threads)
+    report = measure(args.model, shape, runs=args.runs, threads=args.threads, repeats=args.repeats,
+                     trace=not args.no_trace)
     if args.json != "-":
         print(report.format())
     if args.json:

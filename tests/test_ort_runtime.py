@@ -1,0 +1,177 @@
+"""``--runtime ort``: onnxruntime's plan predicted on hand-built graphs whose plan is computed by hand,
+checked against onnxruntime's own allocations (allocator trace) and RSS, the CLI, the BFC arena
+model and the RED export form."""
+
+import json
+
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+from memplan.cli import main
+from memplan.errors import MemplanError
+from memplan.export import export_onnx
+from memplan.measure import compare_trace, measure_onnxruntime, trace_onnxruntime
+from memplan.ort_runtime import OrtGraph, OrtNode, plan_ort, predict_ort, simulate_bfc_arena
+
+SHAPE = [1, 16, 64, 64]
+MAP = 16 * 64 * 64 * 4  # 256 KiB: every map of the hand-built graphs
+
+
+def _save(tmp_path, nodes, out_shape=SHAPE, inits=()):
+    v = lambda n, s: helper.make_tensor_value_info(n, TensorProto.FLOAT, s)  # noqa: E731
+    nodes = [helper.make_node(op, ins, outs, name=f"n{i}") for i, (op, ins, outs) in enumerate(nodes)]
+    graph = helper.make_graph(nodes, "g", [v("x", SHAPE)], [v("y", out_shape)], initializer=list(inits))
+    path = tmp_path / "g.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_chain_runs_in_place(tmp_path):
+    # Relu allocates; Sigmoid and Tanh (MayInplace) overwrite it; Add (no in-place in onnxruntime) writes y
+    path = _save(tmp_path, [("Relu", ["x"], ["a"]), ("Sigmoid", ["a"], ["b"]), ("Tanh", ["b"], ["c"]),
+                            ("Add", ["c", "x"], ["y"])])
+    p = predict_ort(path)
+    assert [(b.tensor, b.kind, b.tensors) for b in p.buffers] == [("a", "allocate", ("a", "b", "c")),
+                                                                  ("y", "output", ("y",))]
+    assert p.reuse == {"a": "allocate", "b": "inplace", "c": "inplace", "y": "output"}
+    assert p.peak_bytes == 3 * MAP  # x + a + y
+
+
+def test_branch_blocks_in_place(tmp_path):
+    # a is still read by the Add, so the Sigmoid cannot overwrite it; the Add allocates too
+    path = _save(tmp_path, [("Relu", ["x"], ["a"]), ("Sigmoid", ["a"], ["b"]), ("Add", ["a", "b"], ["y"])])
+    p = predict_ort(path)
+    assert p.reuse == {"a": "allocate", "b": "allocate", "y": "output"}
+    assert p.peak_bytes == 4 * MAP  # x + a + b + y at the Add
+
+
+def test_reshape_is_an_alias(tmp_path):
+    shape = helper.make_tensor("shape", TensorProto.INT64, [2], [16, 64 * 64])
+    path = _save(tmp_path, [("Relu", ["x"], ["a"]), ("Reshape", ["a", "shape"], ["r"]), ("Sigmoid", ["r"], ["s"]),
+                            ("Mul", ["s", "s"], ["y"])], out_shape=[16, 64 * 64], inits=[shape])
+    p = predict_ort(path)
+    assert p.reuse["r"] == "alias" and p.reuse["s"] == "inplace"  # the sigmoid overwrites the relu's buffer
+    assert p.placement["s"] == "a" and p.peak_bytes == 3 * MAP
+
+
+def _graph(nodes, sizes, outputs):
+    shapes = {t: (n,) for t, n in sizes.items()}
+    return OrtGraph(nodes=[OrtNode(f"n{i}", "", op, tuple(ins), tuple(outs)) for i, (op, ins, outs) in enumerate(nodes)],
+                    nbytes=dict(sizes), shapes=shapes, planner_shapes={t: ((n,), 1) for t, n in sizes.items()},
+                    inputs=["x"], outputs=outputs, initializers=set())
+
+
+def test_freelist_reuse_keeps_the_buffer_until_its_last_user():
+    # a dies at n1; c (same shape) takes a's buffer at n2; the buffer lives from n0 to c's last reader n3
+    g = _graph([("Neg", ["x"], ["a"]), ("Neg", ["a"], ["b"]), ("Neg", ["b"], ["c"]), ("Add", ["c", "b"], ["y"])],
+               {"x": 100, "a": 100, "b": 100, "c": 100, "y": 100}, ["y"])
+    p = plan_ort(g)
+    assert p.reuse == {"a": "allocate", "b": "allocate", "c": "freelist", "y": "output"}
+    assert [(b.tensor, b.alloc_step, b.free_step) for b in p.buffers] == [("a", 0, 3), ("b", 1, 3), ("y", 3, 3)]
+    assert p.live_bytes == [100, 200, 200, 300]
+
+
+def test_freelist_needs_the_same_shape():
+    g = _graph([("Neg", ["x"], ["a"]), ("Neg", ["a"], ["b"]), ("Neg", ["b"], ["c"]), ("Add", ["c", "b"], ["y"])],
+               {"x": 100, "a": 100, "b": 100, "c": 50, "y": 100}, ["y"])
+    p = plan_ort(g)
+    assert p.reuse["c"] == "allocate" and [b.free_step for b in p.buffers] == [1, 3, 3, 3]
+
+
+def test_bfc_arena_growth_and_reuse():
+    mib = 2**20
+    r = simulate_bfc_arena([("alloc", 0, 3 * mib), ("alloc", 1, mib // 2), ("free", 0, 0), ("alloc", 2, 2 * mib),
+                            ("alloc", 3, 5 * mib)])
+    # 3 MiB doubles the 1 MiB growth size to a 4 MiB region, taken whole (not twice the request);
+    # 0.5 MiB needs a new region of the growth size (4 MiB, then growth doubles to 8 MiB) and splits
+    # it; 2 MiB best-fits the 3.5 MiB rest there, not the freed 4 MiB chunk; 5 MiB fits nowhere: 8 MiB
+    assert r.regions == (4 * mib, 4 * mib, 8 * mib)
+    assert r.touched_bytes == 3 * mib + (mib // 2 + 2 * mib) + 5 * mib
+
+
+@pytest.fixture(scope="module")
+def small_cnn(tmp_path_factory):
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.BatchNorm2d(32), torch.nn.ReLU(),
+                              torch.nn.Conv2d(32, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+                              torch.nn.Conv2d(32, 64, 3, padding=1), torch.nn.Hardswish()).eval()
+    path = tmp_path_factory.mktemp("ort") / "cnn.onnx"
+    export_onnx(net, torch.randn(1, 3, 256, 256), path, random_samples=1)
+    return path
+
+
+def test_trace_matches_prediction_tensor_by_tensor(small_cnn):
+    shape = [(1, 3, 256, 256)]
+    trace = trace_onnxruntime(small_cnn, shape)
+    if trace is None:
+        pytest.skip("no C compiler for the allocator hook")
+    p = predict_ort(small_cnn, shape)
+    c = compare_trace(p, trace)
+    assert c.missing_buffers == [] and c.matched == len([b for b in p.buffers if b.nbytes >= 4096])
+    assert c.traced_peak_bytes == p.peak_bytes  # onnxruntime allocated exactly the predicted buffers
+
+
+@pytest.mark.slow
+def test_prediction_vs_rss(small_cnn):
+    shape = [(1, 3, 256, 256)]
+    m = measure_onnxruntime(small_cnn, shape, repeats=3, runs=0)
+    p = predict_ort(small_cnn, shape)
+    assert abs(p.peak_bytes / m.peak_bytes - 1) < 0.10, (p.peak_bytes, m.samples)  # RSS: pages, lazy counters
+
+
+def test_cli_runtime_json(small_cnn, capsys):
+    assert main(["analyze", str(small_cnn), "--runtime", "ort", "--json", "-"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["peak_bytes"] == predict_ort(small_cnn).peak_bytes and doc["form"] == "runtime=ort"
+    assert {"live_at_peak", "buffers", "placements", "runtime"} <= set(doc)
+    assert sum(t["bytes"] for t in doc["live_at_peak"]) == doc["peak_bytes"]
+    assert main(["analyze", str(small_cnn), "--runtime", "ort-arena", "--json", "-"]) == 0
+    arena = json.loads(capsys.readouterr().out)
+    assert arena["peak_bytes"] == arena["arena_touched_bytes"] + arena["input_bytes"] >= doc["peak_bytes"]
+
+
+def test_cli_runtime_pytorch_model(capsys):
+    assert main(["analyze", "zoo:resnet_tiny", "--runtime", "ort", "--json", "-"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["input_shape"] == [1, 1, 28, 28] and doc["peak_bytes"] > doc["input_bytes"]
+
+
+def test_one_line_errors(tmp_path, capsys):
+    bad = tmp_path / "bad.onnx"
+    bad.write_text("not a model")
+    for argv in (["analyze", str(bad), "--runtime", "ort"], ["analyze", str(tmp_path / "none.onnx"), "--runtime", "ort"],
+                 ["analyze", "zoo:resnet_tiny", "--runtime", "ort", "--order", "best"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "error" in err
+    with pytest.raises(MemplanError, match="unknown runtime"):
+        predict_ort(bad, runtime="tflite")
+    # a valid ONNX file onnxruntime cannot load (an op no kernel implements)
+    v = helper.make_tensor_value_info
+    graph = helper.make_graph([helper.make_node("Frobnicate", ["x"], ["y"], domain="custom.ops")], "g",
+                              [v("x", TensorProto.FLOAT, [1, 4])], [v("y", TensorProto.FLOAT, [1, 4])])
+    custom = tmp_path / "custom.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("custom.ops", 1)]),
+              str(custom))
+    assert main(["analyze", str(custom), "--runtime", "ort"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "onnxruntime cannot load" in err and "Frobnicate" in err and "static.onnx" not in err
+
+
+def test_red_export_form_is_the_same_function_and_smaller(tmp_path):
+    from distill.red import REDBlock, ort_friendly
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 64, 3, padding=1), torch.nn.ReLU(), REDBlock(64),
+                              torch.nn.Conv2d(64, 8, 1)).eval()
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):  # trained-looking statistics, so folding is exercised
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    x = torch.randn(1, 3, 96, 96)
+    form = ort_friendly(net)
+    torch.testing.assert_close(form(x), net(x), atol=1e-5, rtol=1e-5)
+    export_onnx(net, x, tmp_path / "a.onnx", random_samples=1)
+    export_onnx(form, x, tmp_path / "b.onnx", random_samples=1)
+    whole, chunked = predict_ort(tmp_path / "a.onnx").peak_bytes, predict_ort(tmp_path / "b.onnx").peak_bytes
+    assert chunked < 0.8 * whole, (whole, chunked)

@@ -22,8 +22,11 @@ from torch import Tensor, nn
 from memplan.errors import MemplanError
 from passes import StageMap, attach_blocks
 
-__all__ = ["ChunkedREDBlock", "REDBlock", "attach_red", "ort_friendly", "red_loss"]
+__all__ = ["ChunkedREDBlock", "REDBlock", "REDError", "attach_red", "ort_friendly", "red_loss"]
 
+
+class REDError(MemplanError, ValueError):
+    """A RED block or loss given inputs it cannot use (channels, mismatched maps)."""
 
 class REDBlock(nn.Module):
     """``out = x * sigmoid(BN(conv1x1(x))) + ReLU6(BN(conv3x3(x)))`` with C -> C channels.
@@ -36,7 +39,7 @@ class REDBlock(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
         if channels < 1:
-            raise MemplanError(f"REDBlock needs channels >= 1, got {channels}")
+            raise REDError(f"REDBlock needs channels >= 1, got {channels}")
         self.channels = channels
         self.gate_conv = nn.Conv2d(channels, channels, kernel_size=1, bias=False)
         self.gate_bn = nn.BatchNorm2d(channels)
@@ -66,18 +69,18 @@ def red_loss(student_feat: Tensor, teacher_feat: Tensor) -> Tensor:
     2.0
     """
     if student_feat.dim() != 4 or teacher_feat.dim() != 4:
-        raise MemplanError(
+        raise REDError(
             f"red_loss expects (N, C, H, W) maps, got student {tuple(student_feat.shape)} "
             f"and teacher {tuple(teacher_feat.shape)}"
         )
     if student_feat.shape[2:] != teacher_feat.shape[2:]:
-        raise MemplanError(
+        raise REDError(
             f"red_loss needs equal spatial sizes: student {tuple(student_feat.shape[2:])} vs "
             f"teacher {tuple(teacher_feat.shape[2:])}; match the student stage to a teacher map of the "
             "same resolution"
         )
     if student_feat.shape[0] != teacher_feat.shape[0]:
-        raise MemplanError(
+        raise REDError(
             f"red_loss needs equal batch sizes: {student_feat.shape[0]} vs {teacher_feat.shape[0]}"
         )
     s = student_feat.mean(dim=1).flatten(1)

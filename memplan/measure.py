@@ -409,6 +409,33 @@ def measure_onnxruntime(
                        samples=samples)
 
 
+def available_memory() -> int:
+    """Bytes the kernel says a new allocation can get (``MemAvailable``), or 0 when unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return 0
+
+
+def check_fits(needed_bytes: int, what: str) -> None:
+    """Refuse to run a measurement that needs more than 80% of the available memory (one-line error).
+
+    >>> check_fits(1, "tiny")
+    >>> check_fits(2**62, "huge")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    memplan.errors.MemplanError: measuring huge would need about ... of memory ...
+    """
+    available = available_memory()
+    if available and needed_bytes > 0.8 * available:
+        from memplan.report import fmt_bytes
+
+        raise MemplanError(f"measuring {what} would need about {fmt_bytes(needed_bytes)} of memory (activations and "
+                           f"weights), more than the {fmt_bytes(available)} available: analyse it instead (memplan "
+                           "analyze never allocates activations)")
+
+
 def _numel(shape: Sequence[int]) -> int:
     n = 1
     for d in shape:
@@ -447,6 +474,7 @@ def measure(
             onnx.save(set_input_dims(load_onnx(model), [input_shape] if input_shape else None), str(path))
             deploy = analyze_onnx(path)
             shape = deploy.input_shape
+            check_fits(deploy.peak_bytes + deploy.param_bytes, label)
             theory = [Estimate("deploy", deploy.peak_bytes),
                       Estimate("deploy + in-place eltwise", analyze_onnx(path, inplace_elementwise=True).peak_bytes)]
             measured = []
@@ -456,9 +484,13 @@ def measure(
             label = name or (model if isinstance(model, str) else type(model).__name__)
             module = load_model(model) if isinstance(model, str) else model
             shape = list(input_shape or (default_input(model) if isinstance(model, str) else (1, 3, 224, 224)))
+            meta = torch.empty(shape, device="meta")  # the analysis allocates nothing
+            theory = [Estimate(f, analyze(module, meta, form=f).peak_bytes) for f in ("deploy", "as-written")]
+            theory.append(Estimate("deploy + in-place eltwise",
+                                   analyze(module, meta, inplace_elementwise=True).peak_bytes))
+            params = sum(p.numel() * p.element_size() for p in module.parameters())
+            check_fits(theory[1].peak_bytes + params, label)  # eager PyTorch holds the as-written peak
             x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
-            theory = [Estimate(f, analyze(module, x, form=f).peak_bytes) for f in ("deploy", "as-written")]
-            theory.append(Estimate("deploy + in-place eltwise", analyze(module, x, inplace_elementwise=True).peak_bytes))
             measured = [measure_torch_cpu(module, x), measure_torch_cuda(module, x)]
             path = Path(tmp) / "model.onnx"
             export_onnx(module, x, path, random_samples=1)

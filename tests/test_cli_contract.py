@@ -77,6 +77,8 @@ CASES = {
     "analyze-json-to-a-fifo": ["analyze", "zoo:resnet_tiny", "--json", "{d}/fifo"],
     "analyze-plot-into-a-file-as-dir": ["analyze", "zoo:resnet_tiny", "--plot", "{d}/a_file/x.png"],
     "analyze-not-onnx": ["analyze", "{d}/not.onnx"],
+    # measure
+    "measure-too-large-to-run": ["measure", "zoo:resnet18", "--input", "1,3,60000,60000"],
     # student
     "student-out-is-a-file": ["student", "zoo:resnet_tiny", "--factor", "2", "--out", "{d}/a_file"],
     "student-recipe-unknown-pool": ["student", "zoo:resnet_tiny", "--recipe", "{d}/bad_pool.json"],

@@ -132,11 +132,17 @@ _NAME_KINDS: dict[str, str] = {
 
 
 def op_kind(n: torch.fx.Node, gm: torch.fx.GraphModule) -> str:
-    """Classify a node for the form rules (conv, linear, bn, act, eltwise, pointwise or other)."""
+    """Classify a node for the form rules (conv, linear, bn, act, eltwise, pointwise, pad or other)."""
     if n.op == "call_module":
         mod = gm.get_submodule(str(n.target))
         return next((k for types, k in _MODULE_KINDS if isinstance(mod, types)), "other")
-    return _NAME_KINDS.get(target_name(n, gm).rstrip("_"), "other")
+    name = target_name(n, gm).rstrip("_")
+    if name in ("pad", "constant_pad_nd"):  # F.pad(x, p, mode, value) / aten.constant_pad_nd(x, p, value)
+        at = 3 if name == "pad" else 2
+        mode = n.kwargs.get("mode", n.args[2] if name == "pad" and len(n.args) > 2 else "constant")
+        value = n.kwargs.get("value", n.args[at] if len(n.args) > at else 0)
+        return "pad" if mode == "constant" and not value else "other"
+    return _NAME_KINDS.get(name, "other")
 
 
 # --------------------------------------------------------------------------- building
@@ -296,6 +302,14 @@ def _rule_inplace_eltwise(m: _Merger, op: Op) -> int | None:
     return None
 
 
+def _rule_fold_pad(m: _Merger, op: Op) -> int | None:
+    """A zero padding only convs read is their own padding (as exporters fold it): no new storage."""
+    if len(op.reads) != 1 or len(op.writes) != 1:
+        return None
+    readers = m.readers[m.find(op.writes[0])]
+    return op.reads[0] if readers and all(m.kind[r] == "conv" for r in readers) else None
+
+
 def _rule_split_views(m: _Merger, op: Op) -> int | None:
     """Split/Slice pieces are views of their input when only splits read it (decided at the first)."""
     if len(op.reads) != 1 or not op.writes:
@@ -418,7 +432,7 @@ def _rule_fused(m: _Merger, op: Op) -> int | None:
 FUSED = "fused"  # the rule for ops of a fused activation region, ahead of their own kind's rule
 
 FORM_RULES: dict[str, dict[str, Rule]] = {
-    "deploy": {"bn": _rule_fold_bn, "act": _rule_inplace_act, "split": _rule_split_views,
+    "deploy": {"bn": _rule_fold_bn, "act": _rule_inplace_act, "pad": _rule_fold_pad, "split": _rule_split_views,
                "dequantize": _rule_dequantize, "quantize": _rule_quantize, FUSED: _rule_fused},
     "as-written": {},
 }

@@ -315,7 +315,7 @@ def graph_from_onnx(
                 writes.append(sid)
             producer_of[t] = op_name
         ops.append(Op(
-            name=op_name, op=node.op_type, kind=OP_KINDS.get(node.op_type, "other"), module=module,
+            name=op_name, op=node.op_type, kind=_kind(node, graph), module=module,
             reads=tuple(sorted(reads)), writes=tuple(writes), out_bytes=out_bytes,
             deps=tuple(dict.fromkeys(producer_of[t] for t in live_in if t in producer_of)),
         ))
@@ -325,6 +325,20 @@ def graph_from_onnx(
     g = MemGraph(ops, storages, form=form, dtype=dtype, method=method, model_name=name,
                  input_shapes=input_shapes_out)
     return apply_form(g, form, inplace_elementwise), param_bytes
+
+
+def _kind(node: onnx.NodeProto, graph: onnx.GraphProto) -> str:
+    """The node's op kind (:data:`OP_KINDS`); a ``Pad`` is ``pad`` when it pads with constant zeros."""
+    if node.op_type != "Pad":
+        return OP_KINDS.get(node.op_type, "other")
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    value = attrs.get("value", 0.0)  # opset < 11; later the optional third input
+    if len(node.input) > 2 and node.input[2]:
+        t = next((t for t in graph.initializer if t.name == node.input[2]), None) or next(
+            (onnx.helper.get_attribute_value(a) for n in graph.node if n.op_type == "Constant" and
+             n.output[0] == node.input[2] for a in n.attribute if a.name == "value"), None)
+        value = onnx.numpy_helper.to_array(t).item() if t is not None and list(t.dims) in ([], [1]) else None
+    return "pad" if attrs.get("mode", b"constant") in (b"constant", "constant") and value == 0 else "other"
 
 
 def _static_values(graph: onnx.GraphProto) -> tuple[set[str], set[str]]:

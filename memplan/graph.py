@@ -5,7 +5,10 @@ Aliases (views, getitem, in-place ops) share one storage because the fake tensor
 share one; a form (docs/definitions.md §2) may merge more storages: ``deploy`` folds eval BatchNorm into its
 conv/linear and runs an activation in place over its producer's output when it is that output's
 only reader; ``inplace_elementwise`` additionally lets add/mul/sub/div overwrite a same-size input
-that no one else reads (ONNX Runtime's MayInplace). The rules are a table keyed by op kind.
+that no one else reads (ONNX Runtime's MayInplace). The rules are a table keyed by op kind; the
+deploy form also counts a fused elementwise chain over one tensor as one activation
+(:func:`fused_regions`), split pieces and convs' zero padding as views, and quantize/dequantize
+pairs at their integer size (docs/definitions.md §2).
 """
 
 from __future__ import annotations

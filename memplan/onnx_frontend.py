@@ -1,13 +1,18 @@
 """ONNX frontend: build the memory IR (:class:`~memplan.graph.MemGraph`) from an ``.onnx`` file.
 
-Shapes come from ``onnx.shape_inference`` (strict mode; onnxruntime is not needed). Initializers,
-``Constant`` outputs and everything computed only from them or from shapes (``Shape`` chains,
-the exporter's zero-bias ``Expand``) are parameters, not activations. Alias ops (Reshape, Flatten,
-Squeeze, Unsqueeze, Identity, Dropout in inference) share their input's storage. Every node gets
-an op kind (conv, linear, bn, act, eltwise, other) from :data:`OP_KINDS`, so the same form rules
-as the PyTorch path apply (docs/definitions.md §1): a model exported by memplan (BN already folded) has the same
-deploy-form peak as its PyTorch deploy form. Control flow (If, Loop, Scan) counts as one opaque op
-whose subgraph's own temporaries are not seen.
+Shapes come from ``onnx.shape_inference`` (strict mode); what it leaves open (contrib ops such as
+``com.microsoft``'s ``QLinearAdd``) is probed with one onnxruntime run when onnxruntime is there.
+Initializers, ``Constant`` outputs and everything computed only from them (``ConstantOfShape``
+weights) are parameters, counted once as the network consumes them; values computed from static
+shapes (``Shape`` chains, the exporter's zero-bias ``Expand``) are static too. Neither is an
+activation (docs/definitions.md §1). Outputs nothing reads need no shape and take no memory. Alias ops (Reshape,
+Flatten, Squeeze, Unsqueeze, Identity, Dropout in inference) share their input's storage. Every
+node gets an op kind (conv, linear, bn, act, eltwise, pointwise, split, pad, quantize,
+dequantize, other) from :data:`OP_KINDS`, so the same form rules as the PyTorch path apply
+(docs/definitions.md §2): exporters' decomposed activations are one fused activation, Split
+pieces are views, integer tensors keep their size, and a model exported by memplan has the same
+deploy-form peak as its PyTorch deploy form. Control flow (If, Loop, Scan) counts as one opaque
+op whose subgraph's own temporaries are not seen.
 
 Example:
     >>> import tempfile, torch

@@ -433,11 +433,12 @@ def export_onnx(
         try:
             exporter, notes, proto = _export(model, tuple(a.detach() for a in args), tmp, opset, dynamic_batch)
             pairs = fold_batchnorm_onnx(proto)
+            data = proto.SerializeToString()  # once: the checker and the file share it (100 MB for ResNet-50)
             try:
-                onnx.checker.check_model(proto, full_check=True)
+                onnx.checker.check_model(data, full_check=True)
             except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
                 raise MemplanError(f"exported model fails onnx.checker: {describe_error(e)}") from e
-            onnx.save(proto, str(tmp))
+            tmp.write_bytes(data)
             session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
             gen = torch.Generator().manual_seed(seed)
             batch = 3 if dynamic_batch else None

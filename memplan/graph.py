@@ -336,7 +336,7 @@ def _rule_quantize(m: _Merger, op: Op) -> int | None:
         return None
     s = m.find(op.reads[0])
     st, q = m.g.storages[s], m.g.storages[op.writes[0]]
-    if st.is_input or not m.sole_reader(s, op):
+    if st.is_input or st.is_output or not m.sole_reader(s, op):
         return None
     st.nbytes, st.dtype = q.nbytes, q.dtype  # the merged storage holds the quantized values
     return s
@@ -427,7 +427,7 @@ def _rule_fused(m: _Merger, op: Op) -> int | None:
     if r.base is None:
         x = m.find(r.source)
         st, out = m.g.storages[x], m.g.storages[r.output]
-        in_place = not st.is_input and m.readers[x] <= r.ops and st.nbytes == out.nbytes
+        in_place = not (st.is_input or st.is_output) and m.readers[x] <= r.ops and st.nbytes == out.nbytes
         r.base = x if in_place else r.carrier
     return None if op.writes[0] == r.base else r.base
 

@@ -186,7 +186,7 @@ def _infer(model: onnx.ModelProto, name: str) -> dict[str, _TensorInfo]:
         model = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, RuntimeError) as e:
         raise MemplanError(f"ONNX shape inference failed on {name} ({describe_error(e)})") from e
-    infos: dict[str, _TensorInfo] = {}
+    infos = {t.name: _TensorInfo(tuple(t.dims), t.data_type) for t in model.graph.initializer}
     for vi in [*model.graph.input, *model.graph.value_info, *model.graph.output]:
         tt = vi.type.tensor_type
         if tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim):

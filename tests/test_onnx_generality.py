@@ -101,6 +101,32 @@ def test_fused_activation_not_in_place_when_its_input_is_read_elsewhere(tmp_path
     assert [len(o.writes) for o in g.ops if o.op in ("Sigmoid", "Mul")] == [1, 0]
 
 
+class MBConv(nn.Module):
+    """EfficientNet's block: expand conv-BN-SiLU, depthwise conv-BN-SiLU, squeeze-excite, project conv-BN,
+    residual; the exported file spells each SiLU Sigmoid + Mul and the SE gate's too."""
+
+    def __init__(self, c=8, e=4):
+        super().__init__()
+        self.expand = nn.Sequential(nn.Conv2d(c, c * e, 1, bias=False), nn.BatchNorm2d(c * e), nn.SiLU())
+        self.dw = nn.Sequential(nn.Conv2d(c * e, c * e, 3, padding=1, groups=c * e, bias=False),
+                                nn.BatchNorm2d(c * e), nn.SiLU())
+        self.se = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(c * e, 2, 1), nn.SiLU(), nn.Conv2d(2, c * e, 1),
+                                nn.Sigmoid())
+        self.project = nn.Sequential(nn.Conv2d(c * e, c, 1, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        h = self.dw(self.expand(x))
+        return x + self.project(h * self.se(h))
+
+
+def test_efficientnet_block_matches_pytorch(tmp_path):
+    """Peak at the SE product: the 32-channel map, the gated copy and the block input (8 channels)."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), MBConv()).eval()
+    path = tmp_path / "mb.onnx"
+    export_onnx(model, torch.randn(SHAPE), path, random_samples=1)
+    assert analyze_onnx(path).peak_bytes == analyze(model, SHAPE).peak_bytes == (32 + 32 + 8) * 16 * 16 * 4 + 32 * 4
+
+
 class CSP(nn.Module):
     """c = conv(x) (16 ch); a, b = chunk(c); out = conv(cat(a, relu(conv(b))))."""
 

@@ -5,11 +5,15 @@ Aliases (views, getitem, in-place ops) share one storage because the fake tensor
 share one; a form (docs/definitions.md §2) may merge more storages: ``deploy`` folds eval BatchNorm into its
 conv/linear and runs an activation in place over its producer's output when it is that output's
 only reader; ``inplace_elementwise`` additionally lets add/mul/sub/div overwrite a same-size input
-that no one else reads (ONNX Runtime's MayInplace). The rules are a table keyed by op kind.
+that no one else reads (ONNX Runtime's MayInplace). The rules are a table keyed by op kind; the
+deploy form also counts a fused elementwise chain over one tensor as one activation
+(:func:`fused_regions`), split pieces and convs' zero padding as views, and quantize/dequantize
+pairs at their integer size (docs/definitions.md §2).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -109,7 +113,7 @@ _MODULE_KINDS: list[tuple[type[nn.Module], str]] = [
     (nn.modules.batchnorm._BatchNorm, "bn"),
     (
         (nn.ReLU, nn.ReLU6, nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.GELU,
-         nn.LeakyReLU, nn.ELU, nn.Hardtanh, nn.Mish, nn.SELU, nn.CELU, nn.PReLU),
+         nn.LeakyReLU, nn.ELU, nn.Hardtanh, nn.Mish, nn.SELU, nn.CELU, nn.PReLU, nn.Softplus),
         "act",
     ),
 ]
@@ -119,19 +123,29 @@ _NAME_KINDS: dict[str, str] = {
     **dict.fromkeys(["batch_norm", "_native_batch_norm_legit_no_training", "native_batch_norm"], "bn"),
     **dict.fromkeys(
         ["relu", "relu6", "hardswish", "hardsigmoid", "silu", "sigmoid", "tanh", "gelu", "leaky_relu",
-         "elu", "hardtanh", "mish", "selu", "celu"],
+         "elu", "hardtanh", "mish", "selu", "celu", "softplus"],
         "act",
     ),
     **dict.fromkeys(["add", "iadd", "mul", "imul", "sub", "isub", "div", "truediv", "itruediv"], "eltwise"),
+    # other elementwise math: only ever part of a fused activation (docs/definitions.md §2)
+    **dict.fromkeys(["erf", "exp", "log", "neg", "abs", "sqrt", "rsqrt", "reciprocal", "pow", "clamp", "clamp_min",
+                     "clamp_max", "where", "gt", "lt", "ge", "le", "eq", "ne", "maximum", "minimum", "sign",
+                     "square"], "pointwise"),
 }
 
 
 def op_kind(n: torch.fx.Node, gm: torch.fx.GraphModule) -> str:
-    """Classify a node for the form rules (conv, linear, bn, act, eltwise or other)."""
+    """Classify a node for the form rules (conv, linear, bn, act, eltwise, pointwise, pad or other)."""
     if n.op == "call_module":
         mod = gm.get_submodule(str(n.target))
         return next((k for types, k in _MODULE_KINDS if isinstance(mod, types)), "other")
-    return _NAME_KINDS.get(target_name(n, gm).rstrip("_"), "other")
+    name = target_name(n, gm).rstrip("_")
+    if name in ("pad", "constant_pad_nd"):  # F.pad(x, p, mode, value) / aten.constant_pad_nd(x, p, value)
+        at = 3 if name == "pad" else 2
+        mode = n.kwargs.get("mode", n.args[2] if name == "pad" and len(n.args) > 2 else "constant")
+        value = n.kwargs.get("value", n.args[at] if len(n.args) > at else 0)
+        return "pad" if mode == "constant" and not value else "other"
+    return _NAME_KINDS.get(name, "other")
 
 
 # --------------------------------------------------------------------------- building
@@ -226,7 +240,7 @@ def apply_form(g: MemGraph, form: str, inplace_elementwise: bool = False) -> Mem
 class _Merger:
     """Union-find over storages, tracking each root's readers."""
 
-    def __init__(self, g: MemGraph) -> None:
+    def __init__(self, g: MemGraph, regions: dict[str, FusedRegion] | None = None) -> None:
         self.g = g
         self.parent = {s: s for s in g.storages}
         self.kind = {o.name: o.kind for o in g.ops}
@@ -234,6 +248,8 @@ class _Merger:
         for o in g.ops:
             for s in o.reads:
                 self.readers[s].add(o.name)
+        self.regions = regions or {}  # op name -> its fused activation region
+        self.views: dict[int, bool] = {}  # storage -> whether the splits reading it are views
 
     def find(self, s: int) -> int:
         while self.parent[s] != s:
@@ -289,20 +305,154 @@ def _rule_inplace_eltwise(m: _Merger, op: Op) -> int | None:
     return None
 
 
+def _rule_fold_pad(m: _Merger, op: Op) -> int | None:
+    """A zero padding only convs read is their own padding (as exporters fold it): no new storage."""
+    if len(op.reads) != 1 or len(op.writes) != 1:
+        return None
+    readers = m.readers[m.find(op.writes[0])]
+    return op.reads[0] if readers and all(m.kind[r] == "conv" for r in readers) else None
+
+
+def _rule_split_views(m: _Merger, op: Op) -> int | None:
+    """Split/Slice pieces are views of their input when only splits read it (decided at the first)."""
+    if len(op.reads) != 1 or not op.writes:
+        return None
+    s = m.find(op.reads[0])
+    if s not in m.views:
+        m.views[s] = all(m.kind[r] == "split" for r in m.readers[s])
+    return s if m.views[s] else None
+
+
+def _rule_dequantize(m: _Merger, op: Op) -> int | None:
+    """A dequantized activation is computed inside its consumers: they read the integer tensor."""
+    if len(op.reads) != 1 or len(op.writes) != 1 or m.g.storages[op.writes[0]].is_output:
+        return None
+    return op.reads[0]
+
+
+def _rule_quantize(m: _Merger, op: Op) -> int | None:
+    """Quantizing a value only this op reads: its producer writes the quantized tensor directly."""
+    if len(op.reads) != 1 or len(op.writes) != 1:
+        return None
+    s = m.find(op.reads[0])
+    st, q = m.g.storages[s], m.g.storages[op.writes[0]]
+    if st.is_input or st.is_output or not m.sole_reader(s, op):
+        return None
+    st.nbytes, st.dtype = q.nbytes, q.dtype  # the merged storage holds the quantized values
+    return s
+
+
+@dataclass
+class FusedRegion:
+    """Ops that together compute one elementwise function of one tensor (docs/definitions.md §2)."""
+
+    source: int  # the one activation storage the region reads from outside
+    output: int  # the one storage it writes that is read outside it (or is a graph output)
+    carrier: int  # the first storage it writes with the output's size: holds the result when not in place
+    ops: frozenset[str]
+    base: int | None = None  # decided at the region's first op: source (in place) or carrier
+
+
+POINTWISE_KINDS = frozenset({"act", "eltwise", "pointwise"})
+
+
+def fused_regions(g: MemGraph) -> dict[str, FusedRegion]:
+    """The fused activations of ``g`` (no merges applied yet): op name -> region.
+
+    An op of a pointwise kind (act, eltwise, pointwise) with one output is a function of one
+    storage ``x`` when every input is ``x`` or the output of such a function of ``x`` and its output
+    has ``x``'s element count (constants are not storages). The ops that are functions of ``x`` are
+    split by the storage each computes for a reader outside them: each group needed by exactly one
+    such storage, and sharing no op with another group, is one fused activation when it has two
+    or more ops (``x * sigmoid(x)``, ``x * hardsigmoid(x)``, erf and tanh GELU chains, a thresholded
+    softplus's ``Where``, ``relu(x) + 1``).
+
+    Example:
+        >>> import torch
+        >>> from memplan.capture import capture
+        >>> class Swish(torch.nn.Conv2d):
+        ...     def forward(self, x):
+        ...         y = super().forward(x)
+        ...         return y * torch.sigmoid(y)
+        >>> g = build_graph(capture(Swish(3, 4, 1), torch.empty(1, 3, 8, 8)), form="as-written")
+        >>> r = fused_regions(g)
+        >>> sorted(r), g.storages[r["mul"].source].producer
+        (['mul', 'sigmoid'], 'conv2d')
+    """
+    numel = {s: math.prod(st.shape) for s, st in g.storages.items()}
+    readers: dict[int, set[str]] = {s: set() for s in g.storages}
+    for o in g.ops:
+        for s in o.reads:
+            readers[s].add(o.name)
+    source_of: dict[int, int] = {}  # storage written by a pointwise op -> the storage it is a function of
+    members: dict[int, list[Op]] = {}
+    for o in g.ops:
+        if o.kind not in POINTWISE_KINDS or len(o.writes) != 1 or not o.reads or o.mutates:
+            continue
+        sources = {source_of.get(s, s) for s in o.reads}
+        if len(sources) == 1 and numel[o.writes[0]] == numel[next(iter(sources))]:
+            source_of[o.writes[0]] = x = sources.pop()
+            members.setdefault(x, []).append(o)
+    mutated = {s for o in g.ops for s in o.mutates}
+    regions: dict[str, FusedRegion] = {}
+    for x, ops in members.items():
+        names = {o.name for o in ops}
+        written = {o.writes[0]: o for o in ops}
+        if len(ops) < 2 or mutated & ({x} | written.keys()):
+            continue
+        groups = []
+        for y, writer in written.items():
+            if g.storages[y].is_output or readers[y] - names:
+                group, todo = set(), [writer]
+                while todo:
+                    o = todo.pop()
+                    if o.name not in group:
+                        group.add(o.name)
+                        todo += [written[s] for s in o.reads if s in written]
+                groups.append((y, group))
+        for y, group in groups:
+            if len(group) < 2 or any(group & other for z, other in groups if z != y):
+                continue
+            carrier = next(o.writes[0] for o in ops if o.name in group
+                           and g.storages[o.writes[0]].nbytes == g.storages[y].nbytes)
+            region = FusedRegion(x, y, carrier, frozenset(group))
+            regions.update(dict.fromkeys(group, region))
+    return regions
+
+
+def _rule_fused(m: _Merger, op: Op) -> int | None:
+    """An op of a fused activation: in place over the source if the region alone reads it, as the
+    activation rule does for one op; else into the region's carrier (one new storage)."""
+    r = m.regions[op.name]
+    if r.base is None:
+        x = m.find(r.source)
+        st, out = m.g.storages[x], m.g.storages[r.output]
+        in_place = not (st.is_input or st.is_output) and m.readers[x] <= r.ops and st.nbytes == out.nbytes
+        r.base = x if in_place else r.carrier
+    return None if op.writes[0] == r.base else r.base
+
+
+FUSED = "fused"  # the rule for ops of a fused activation region, ahead of their own kind's rule
+
 FORM_RULES: dict[str, dict[str, Rule]] = {
-    "deploy": {"bn": _rule_fold_bn, "act": _rule_inplace_act},
+    "deploy": {"bn": _rule_fold_bn, "act": _rule_inplace_act, "pad": _rule_fold_pad, "split": _rule_split_views,
+               "dequantize": _rule_dequantize, "quantize": _rule_quantize, FUSED: _rule_fused},
     "as-written": {},
 }
+VIEW_KINDS = frozenset({"split"})  # every output of these ops joins the storage their rule returns
 
 
 def _apply_rules(g: MemGraph, rules: dict[str, Rule]) -> MemGraph:
-    m = _Merger(g)
+    regions = fused_regions(g) if FUSED in rules else {}
+    m = _Merger(g, regions)
     for i, op in enumerate(g.ops):
-        rule = rules.get(op.kind)
+        rule = rules[FUSED] if op.name in regions else rules.get(op.kind)
         base = rule(m, op) if rule else None
         if base is not None:
-            m.merge_into(op.writes[0], base, op.name)
-            g.ops[i] = replace(op, writes=op.writes[1:])
+            joined = op.writes if op.kind in VIEW_KINDS else op.writes[:1]
+            for s in joined:
+                m.merge_into(s, base, op.name)
+            g.ops[i] = replace(op, writes=tuple(s for s in op.writes if s not in joined))
     roots = {s for s in g.storages if m.find(s) == s}
     g.storages = {s: st for s, st in g.storages.items() if s in roots}
     for i, op in enumerate(g.ops):

@@ -1,13 +1,18 @@
 """ONNX frontend: build the memory IR (:class:`~memplan.graph.MemGraph`) from an ``.onnx`` file.
 
-Shapes come from ``onnx.shape_inference`` (strict mode; onnxruntime is not needed). Initializers,
-``Constant`` outputs and everything computed only from them or from shapes (``Shape`` chains,
-the exporter's zero-bias ``Expand``) are parameters, not activations. Alias ops (Reshape, Flatten,
-Squeeze, Unsqueeze, Identity, Dropout in inference) share their input's storage. Every node gets
-an op kind (conv, linear, bn, act, eltwise, other) from :data:`OP_KINDS`, so the same form rules
-as the PyTorch path apply (docs/definitions.md §1): a model exported by memplan (BN already folded) has the same
-deploy-form peak as its PyTorch deploy form. Control flow (If, Loop, Scan) counts as one opaque op
-whose subgraph's own temporaries are not seen.
+Shapes come from ``onnx.shape_inference`` (strict mode); what it leaves open (contrib ops such as
+``com.microsoft``'s ``QLinearAdd``) is probed with one onnxruntime run when onnxruntime is there.
+Initializers, ``Constant`` outputs and everything computed only from them (``ConstantOfShape``
+weights) are parameters, counted once as the network consumes them; values computed from static
+shapes (``Shape`` chains, the exporter's zero-bias ``Expand``) are static too. Neither is an
+activation (docs/definitions.md §1). Outputs nothing reads need no shape and take no memory. Alias ops (Reshape,
+Flatten, Squeeze, Unsqueeze, Identity, Dropout in inference) share their input's storage. Every
+node gets an op kind (conv, linear, bn, act, eltwise, pointwise, split, pad, quantize,
+dequantize, other) from :data:`OP_KINDS`, so the same form rules as the PyTorch path apply
+(docs/definitions.md §2): exporters' decomposed activations are one fused activation, Split
+pieces are views, integer tensors keep their size, and a model exported by memplan has the same
+deploy-form peak as its PyTorch deploy form. Control flow (If, Loop, Scan) counts as one opaque
+op whose subgraph's own temporaries are not seen.
 
 Example:
     >>> import tempfile, torch
@@ -22,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import ast
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,12 +52,20 @@ SHAPE_OPS = frozenset({"Shape", "Size"})  # outputs depend only on (static) shap
 OP_KINDS: dict[str, str] = {
     **dict.fromkeys(["Conv", "ConvTranspose", "FusedConv", "NhwcConv", "NhwcFusedConv", "ConvInteger",
                      "QLinearConv"], "conv"),
-    **dict.fromkeys(["Gemm", "MatMul", "FusedGemm", "FusedMatMul", "MatMulInteger", "QLinearMatMul"], "linear"),
+    **dict.fromkeys(["Gemm", "MatMul", "FusedGemm", "FusedMatMul", "MatMulInteger", "QLinearMatMul", "QGemm"],
+                    "linear"),
     **dict.fromkeys(["BatchNormalization"], "bn"),
     **dict.fromkeys(["Relu", "Clip", "HardSwish", "HardSigmoid", "Sigmoid", "Tanh", "LeakyRelu", "Elu", "Selu",
                      "Celu", "Gelu", "FastGelu", "QuickGelu", "BiasGelu", "Mish", "PRelu", "Softplus",
-                     "ThresholdedRelu", "Swish"], "act"),
-    **dict.fromkeys(["Add", "Mul", "Sub", "Div", "Sum"], "eltwise"),
+                     "ThresholdedRelu", "Swish", "Softsign", "QLinearSigmoid", "QLinearLeakyRelu"], "act"),
+    **dict.fromkeys(["Add", "Mul", "Sub", "Div", "Sum", "QLinearAdd", "QLinearMul"], "eltwise"),
+    # elementwise math exporters decompose activations into (docs/definitions.md §2, fused activations)
+    **dict.fromkeys(["Erf", "Exp", "Log", "Neg", "Abs", "Sqrt", "Reciprocal", "Pow", "Greater", "Less",
+                     "GreaterOrEqual", "LessOrEqual", "Equal", "Where", "Max", "Min", "Sign", "Not", "And", "Or",
+                     "Cast", "CastLike", "Floor", "Ceil", "Round"], "pointwise"),
+    **dict.fromkeys(["Split", "Slice"], "split"),
+    "QuantizeLinear": "quantize",
+    "DequantizeLinear": "dequantize",
 }
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
                 onnx.TensorProto.DOUBLE}
@@ -67,7 +81,9 @@ def load_onnx(path: str | Path, *, check: bool = True) -> onnx.ModelProto:
     """Read an ONNX file; a missing, truncated, malformed or non-ONNX file is a :class:`MemplanError`.
 
     ``check`` runs ``onnx.checker.check_model`` (skip it for onnxruntime's optimized files, whose
-    contrib ops the checker does not know).
+    contrib ops the checker does not know). A file the checker rejects but onnxruntime loads (an
+    IR-3 file whose initializers are not graph inputs, say) is analysed with a warning; external
+    data that is missing or lies outside the file's directory is an error.
 
     Example:
         >>> import tempfile
@@ -82,6 +98,8 @@ def load_onnx(path: str | Path, *, check: bool = True) -> onnx.ModelProto:
         raise MemplanError(f"ONNX file '{path}' does not exist or is not a file")
     try:
         model = onnx.load(str(path))
+    except onnx.checker.ValidationError as e:  # external data: missing, not a file, outside the directory
+        raise MemplanError(f"cannot load the external data of {path} ({describe_error(e)})") from e
     except (DecodeError, RuntimeError, ValueError, OSError, UnicodeDecodeError) as e:
         raise MemplanError(f"{path} is not a valid ONNX model ({describe_error(e)})") from e
     if not model.graph.node or not model.opset_import:
@@ -90,8 +108,29 @@ def load_onnx(path: str | Path, *, check: bool = True) -> onnx.ModelProto:
         try:
             onnx.checker.check_model(model)
         except (onnx.checker.ValidationError, ValueError) as e:
-            raise MemplanError(f"{path} is not a valid ONNX model ({describe_error(e)})") from e
+            finding = describe_error(e)
+            why = _onnxruntime_refuses(model)
+            if why:
+                raise MemplanError(f"{path} is not a valid ONNX model ({finding}; onnxruntime: {why})") from e
+            warnings.warn(f"{path}: onnx.checker rejects it ({finding}) but onnxruntime loads it; analysing it",
+                          stacklevel=2)
     return model
+
+
+def _onnxruntime_refuses(model: onnx.ModelProto) -> str:
+    """Why onnxruntime cannot load ``model`` ("" if it can; the reason if onnxruntime is missing)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return "not installed, so the checker's finding stands"
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 4
+    try:
+        ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
+        return describe_error(e)
+    return ""
 
 
 def set_input_dims(model: onnx.ModelProto, input_shapes: Sequence[Sequence[int]] | None) -> onnx.ModelProto:
@@ -147,7 +186,7 @@ def _infer(model: onnx.ModelProto, name: str) -> dict[str, _TensorInfo]:
         model = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, RuntimeError) as e:
         raise MemplanError(f"ONNX shape inference failed on {name} ({describe_error(e)})") from e
-    infos: dict[str, _TensorInfo] = {}
+    infos = {t.name: _TensorInfo(tuple(t.dims), t.data_type) for t in model.graph.initializer}
     for vi in [*model.graph.input, *model.graph.value_info, *model.graph.output]:
         tt = vi.type.tensor_type
         if tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim):
@@ -221,14 +260,16 @@ def graph_from_onnx(
     model = set_input_dims(model, input_shapes)
     infos = _infer(model, name)
     graph = model.graph
-
-    static = {t.name for t in graph.initializer} | {""}
-    param_bytes = sum(_nbytes(_TensorInfo(tuple(t.dims), t.data_type), itemsize) for t in graph.initializer)
-    storage_of: dict[str, int] = {}  # tensor name -> storage id
-    producer_of: dict[str, str] = {}  # tensor name -> op name
-    storages: dict[int, Storage] = {}
-    ops: list[Op] = []
-    input_shapes_out: list[tuple[int, ...]] = []
+    const, static = _static_values(graph)
+    read = _read_names(graph)
+    live = [i for i, n in enumerate(graph.node) if not set(n.output) <= static]
+    consumed = {t for n in graph.node if not set(n.output) <= const for t in n.input}
+    params = _parameters(graph, const, consumed | {o.name for o in graph.output})
+    # what needs a static shape: activations someone reads, graph inputs, and the parameters
+    needed = {t for i in live for t in graph.node[i].output if t in read} | params
+    needed |= {i.name for i in graph.input if i.name not in static}
+    if needed - infos.keys():
+        infos.update(_probe_shapes(model, sorted(needed - infos.keys() - {i.name for i in graph.input})))
 
     def info(tensor: str, node: str) -> _TensorInfo:
         if tensor not in infos:
@@ -236,6 +277,12 @@ def graph_from_onnx(
                                f"{node}) in {name}; pass --input or export with static shapes")
         return infos[tensor]
 
+    param_bytes = sum(_nbytes(info(t, "a constant"), itemsize) for t in sorted(params))
+    storage_of: dict[str, int] = {}  # tensor name -> storage id
+    producer_of: dict[str, str] = {}  # tensor name -> op name
+    storages: dict[int, Storage] = {}
+    ops: list[Op] = []
+    input_shapes_out: list[tuple[int, ...]] = []
     for inp in graph.input:
         if inp.name in static:
             continue
@@ -247,23 +294,20 @@ def graph_from_onnx(
         input_shapes_out.append(ti.shape)
 
     used_names: set[str] = set()
-    for i, node in enumerate(graph.node):
+    for i in live:
+        node = graph.node[i]
         live_in = [t for t in node.input if t not in static]
-        if node.op_type == "Constant" or node.op_type in SHAPE_OPS or not live_in:
-            if node.op_type == "Constant":
-                param_bytes += sum(_nbytes(info(t, node.name or "Constant"), itemsize) for t in node.output)
-            static.update(node.output)
-            continue
         op_name = node.name or f"{node.op_type}_{i}"
         while op_name in used_names:
             op_name += "_"
         used_names.add(op_name)
         module = _module_of(node)
-        outs = [t for t in node.output if t]
         reads = {storage_of[t] for t in live_in if t in storage_of}
         writes: list[int] = []
         out_bytes = 0
-        for k, t in enumerate(outs):
+        for k, t in enumerate(node.output):
+            if t not in read:  # an unread output (old Dropout's mask, MaxPool's indices) is never kept
+                continue
             ti = info(t, op_name)
             out_bytes += _nbytes(ti, itemsize)
             if k == 0 and node.op_type in ALIAS_OPS and node.input[0] in storage_of:
@@ -276,7 +320,7 @@ def graph_from_onnx(
                 writes.append(sid)
             producer_of[t] = op_name
         ops.append(Op(
-            name=op_name, op=node.op_type, kind=OP_KINDS.get(node.op_type, "other"), module=module,
+            name=op_name, op=node.op_type, kind=_kind(node, graph), module=module,
             reads=tuple(sorted(reads)), writes=tuple(writes), out_bytes=out_bytes,
             deps=tuple(dict.fromkeys(producer_of[t] for t in live_in if t in producer_of)),
         ))
@@ -286,6 +330,93 @@ def graph_from_onnx(
     g = MemGraph(ops, storages, form=form, dtype=dtype, method=method, model_name=name,
                  input_shapes=input_shapes_out)
     return apply_form(g, form, inplace_elementwise), param_bytes
+
+
+def _kind(node: onnx.NodeProto, graph: onnx.GraphProto) -> str:
+    """The node's op kind (:data:`OP_KINDS`); a ``Pad`` is ``pad`` when it pads with constant zeros."""
+    if node.op_type != "Pad":
+        return OP_KINDS.get(node.op_type, "other")
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    value = attrs.get("value", 0.0)  # opset < 11; later the optional third input
+    if len(node.input) > 2 and node.input[2]:
+        t = next((t for t in graph.initializer if t.name == node.input[2]), None) or next(
+            (onnx.helper.get_attribute_value(a) for n in graph.node if n.op_type == "Constant" and
+             n.output[0] == node.input[2] for a in n.attribute if a.name == "value"), None)
+        value = onnx.numpy_helper.to_array(t).item() if t is not None and list(t.dims) in ([], [1]) else None
+    return "pad" if attrs.get("mode", b"constant") in (b"constant", "constant") and value == 0 else "other"
+
+
+def _static_values(graph: onnx.GraphProto) -> tuple[set[str], set[str]]:
+    """Names of the constants (initializers, ``Constant`` outputs and everything computed only from
+    them) and of all static values (constants plus what depends only on static shapes)."""
+    const = {t.name for t in graph.initializer} | {""}
+    static = set(const)
+    for node in graph.node:
+        ins = set(node.input)
+        if node.op_type == "Constant" or ins <= const:
+            const.update(node.output)
+        if node.op_type in SHAPE_OPS or ins <= static or node.op_type == "Constant":
+            static.update(node.output)
+    return const, static
+
+
+def _read_names(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor name some node (or a node of a subgraph) reads, plus the graph outputs."""
+    read = {o.name for o in graph.output}
+    for node in graph.node:
+        read.update(node.input)
+        for attr in node.attribute:
+            for sub in [attr.g, *attr.graphs] if attr.type in (onnx.AttributeProto.GRAPH,
+                                                               onnx.AttributeProto.GRAPHS) else []:
+                read |= _read_names(sub)
+    return read
+
+
+def _parameters(graph: onnx.GraphProto, const: set[str], consumed: set[str]) -> set[str]:
+    """The constants the network consumes, each counted once in the form it is consumed in
+    (docs/definitions.md §1): a weight built by ``ConstantOfShape`` or a transpose counts as the built
+    tensor; a dequantized weight as the quantized tensor (and its scale and zero point), since a
+    quantized runtime consumes it directly (docs/definitions.md §2)."""
+    writer = {t: n for n in graph.node for t in n.output}
+    params, todo = set(), [t for t in consumed if t in const and t]
+    while todo:
+        t = todo.pop()
+        n = writer.get(t)
+        if n is not None and OP_KINDS.get(n.op_type) == "dequantize":
+            todo += [i for i in n.input if i]
+        elif t not in params:
+            params.add(t)
+    return params
+
+
+def _probe_shapes(model: onnx.ModelProto, tensors: Sequence[str]) -> dict[str, _TensorInfo]:
+    """Shapes of ``tensors`` that shape inference left open (contrib ops such as ``com.microsoft``'s
+    ``QLinearAdd``), from one onnxruntime run on zeros; {} if onnxruntime cannot run the model."""
+    try:
+        import numpy as np
+        import onnxruntime as ort
+    except ImportError:
+        return {}
+    probe = onnx.ModelProto.FromString(model.SerializeToString())
+    have = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.ValueInfoProto(name=t) for t in tensors if t not in have)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 4
+    try:
+        sess = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        inits = {t.name for t in model.graph.initializer}
+        feeds = {}
+        for inp in model.graph.input:
+            if inp.name not in inits:
+                tt = inp.type.tensor_type
+                feeds[inp.name] = np.zeros([d.dim_value for d in tt.shape.dim],
+                                           onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
+        values = sess.run(list(tensors), feeds)
+    except Exception:  # noqa: BLE001 - no shapes from onnxruntime: the caller reports the missing one
+        return {}
+    return {t: _TensorInfo(tuple(v.shape), onnx.helper.np_dtype_to_tensor_dtype(v.dtype))
+            for t, v in zip(tensors, values)}
 
 
 def _dtype_name(elem_type: int) -> str:

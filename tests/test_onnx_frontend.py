@@ -88,10 +88,11 @@ def test_shape_chains_are_static_and_views_alias():
 
 
 def test_inplace_elementwise_option():
-    """a = sigmoid(x); y = a + tanh(a): the add may overwrite tanh's output (its only reader), not a."""
+    """a = sigmoid(x); y = a + softmax(a): the add may overwrite softmax's output (its only reader), not a.
+    (With tanh instead of softmax the whole graph would be one fused activation, docs/definitions.md §2.)"""
     x = helper.make_tensor_value_info("x", F32, [1, 16])
     y = helper.make_tensor_value_info("y", F32, [1, 16])
-    nodes = [helper.make_node("Sigmoid", ["x"], ["a"]), helper.make_node("Tanh", ["a"], ["b"]),
+    nodes = [helper.make_node("Sigmoid", ["x"], ["a"]), helper.make_node("Softmax", ["a"], ["b"]),
              helper.make_node("Add", ["a", "b"], ["y"])]
     m = _model(nodes, [x], [y])
     assert analyze_onnx(m).peak_bytes == 3 * 64

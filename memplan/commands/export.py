@@ -43,10 +43,11 @@ def configure(p: argparse.ArgumentParser) -> None:
                                                              "(FILE.py:fn, pkg.mod:fn)")
     p.add_argument("--out", required=True, metavar="PATH.onnx", help="where to write the model")
     p.add_argument("--input", default=None, help="input shape, e.g. 1,3,224,224 (default: the model's)")
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's; unsupported ones are refused)")
     p.add_argument("--dynamic-batch", action="store_true", help="make the batch dimension dynamic")
     p.add_argument("--real", metavar="FILE", help="real samples (.npy or .pt, shape N,C,H,W) for the parity check")
-    p.add_argument("--tolerance", type=float, default=1e-4, help="max |onnxruntime - PyTorch| allowed")
+    p.add_argument("--tolerance", type=float, default=1e-4,
+                   help="max |onnxruntime - PyTorch| / max(1, max |output|) allowed (relative to the output scale)")
     p.add_argument("--int8", action="store_true", help="write a static int8 (QDQ, per-channel) model calibrated on "
                                                        "--calib (onnxruntime's quantization tools)")
     p.add_argument("--calib", metavar="DATA_SPEC", help="with --int8: calibration data (its validation split; the "

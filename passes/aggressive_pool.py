@@ -250,28 +250,25 @@ def _rescale_module(m: nn.Module, change: Rescale, node: fx.Node) -> None:
 class TailUpsample(nn.Module):
     """The inserted tail of an encoder-decoder student: restores the teacher's output resolution with a
     stride-``factor`` transposed conv (``kind="conv_transpose"``) or a nearest upsample and a 3×3 conv
-    (``"upsample"``), ``channels -> channels``, fresh weights. With ``pad=True`` the result is cropped or
-    padded to the size of a reference map (odd teacher sizes).
+    (``"upsample"``), ``channels -> channels``, fresh weights. Given a ``size`` (odd teacher sizes, where
+    the student's map is ``ceil(size / factor)``) the result is cropped to it: a view, no copy.
 
     >>> TailUpsample(3, 2)(torch.zeros(1, 3, 5, 5)).shape
     torch.Size([1, 3, 10, 10])
-    >>> TailUpsample(3, 2, "upsample", pad=True)(torch.zeros(1, 3, 5, 5), torch.zeros(1, 1, 9, 9)).shape
+    >>> TailUpsample(3, 2, "upsample")(torch.zeros(1, 3, 5, 5), torch.Size([1, 1, 9, 9])).shape
     torch.Size([1, 3, 9, 9])
     """
 
-    def __init__(self, channels: int, factor: int, kind: str = "conv_transpose", pad: bool = False) -> None:
+    def __init__(self, channels: int, factor: int, kind: str = "conv_transpose") -> None:
         super().__init__()
         if kind not in TAILS:
             raise PassError(f"unknown tail '{kind}' (use {', '.join(TAILS)})")
-        self.pad = pad
         self.up = (nn.ConvTranspose2d(channels, channels, factor, factor) if kind == "conv_transpose" else
                    nn.Sequential(nn.Upsample(scale_factor=factor), nn.Conv2d(channels, channels, 3, padding=1)))
 
-    def forward(self, x: torch.Tensor, ref: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, size: Sequence[int] | None = None) -> torch.Tensor:
         y = self.up(x)
-        if not self.pad or ref is None:
-            return y
-        return F.pad(y, [0, ref.shape[-1] - y.shape[-1], 0, ref.shape[-2] - y.shape[-2]])
+        return y if size is None else y[..., : size[-2], : size[-1]]
 
 
 @dataclass(frozen=True)
@@ -283,7 +280,7 @@ class InsertTail:
     kind: str  # "conv_transpose" or "upsample"
     factor: int
     channels: int
-    ref: str | None = None  # a map of the teacher's output size, when the tail must pad to it
+    ref: str | None = None  # a map of the teacher's output size, when the tail must crop to its size
     action: ClassVar[str] = "insert_tail"
 
     def apply(self, gm: fx.GraphModule, nodes: dict[str, fx.Node]) -> None:
@@ -292,10 +289,15 @@ class InsertTail:
             raise PassError(f"cannot insert tail '{self.name}': the model already has an attribute of that name")
         device = next((p.device for p in gm.parameters()), torch.device("cpu"))
         with torch.device(device):
-            gm.add_submodule(self.name, TailUpsample(self.channels, self.factor, self.kind, pad=self.ref is not None))
+            gm.add_submodule(self.name, TailUpsample(self.channels, self.factor, self.kind))
+        args: tuple[fx.Node, ...] = (node,)
+        if self.ref is not None:  # its size only: reading it at once keeps the map itself from living on
+            ref = _node(nodes, self.ref)
+            with gm.graph.inserting_after(ref):
+                args = (node, gm.graph.call_method("size", (ref,)))
         output = next(n for n in gm.graph.nodes if n.op == "output")
         with gm.graph.inserting_before(output):
-            tail = gm.graph.call_module(self.name, (node,) if self.ref is None else (node, _node(nodes, self.ref)))
+            tail = gm.graph.call_module(self.name, args)
         output.replace_input_with(node, tail)
 
     def describe(self) -> str:
@@ -674,11 +676,11 @@ def _tails(analysis: DownsamplingAnalysis, gain: dict[str, Fraction | None], kin
         size = analysis.sizes[node.name]
         student = tuple(math.ceil(s / g) for s in size)
         ref = None
-        if tuple(s * int(g) for s in student) != size:  # odd sizes: pad to a map of the teacher's output size
+        if tuple(s * int(g) for s in student) != size:  # odd sizes: crop to a map of the teacher's output size
             ref = next((n for n, gn in gain.items() if gn == 1 and analysis.sizes.get(n) == size), None)
             if ref is None:
                 raise PassError(f"the student's output '{node.name}' would be {student} x{g}, not the teacher's "
-                                f"{size}, and no map of that size is left to pad it to")
+                                f"{size}, and no map of that size is left to crop it to")
         changes.append(InsertTail(node.name, name, kind, int(g), analysis.channels[node.name], ref))
     return changes
 

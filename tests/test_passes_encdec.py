@@ -234,3 +234,21 @@ def test_coupled_fusion_branches_change_together() -> None:
     # the branch split absorbs the factor, so its partner fusion convs and upsamplings keep x2 together
     assert "split_down (conv): stride 2 -> 1" in changed and "high_to_low (conv): stride 2 -> 1" in changed
     assert {c.target for c in student.recipe.changes if isinstance(c, Rescale)} == {"low_to_high.1"}
+
+
+def test_ddpm_unet_student_matches_the_papers_recipe() -> None:
+    """ReDistill's DDPM student (head stride 2, deepest DownSample stride 1, its UpSample without
+    interpolation, a stride-2 transposed conv at the tail): the pass finds it from the graph, and its
+    peak equals the zoo's DDPM UNet built with those strides (conv_out as the transposed conv)."""
+    ddpm = pytest.importorskip("memplan.zoo.ddpm")
+    inputs = [torch.empty(1, 1, 32, 32), torch.zeros(1, dtype=torch.long)]
+    with torch.device("meta"):
+        teacher, reference = ddpm.ddpm_unet_small().eval(), ddpm.ddpm_unet_small(strides=[2, 2, 1]).eval()
+    student = aggressive_pool(teacher, [t.to("meta") for t in inputs], factor=2)
+    assert [c.describe() for c in student.recipe.changes] == [
+        "conv_in (conv): stride 1 -> 2", "downsamples.1.conv (conv): stride 2 -> 1",
+        "upsamples.0 (interpolate): upsampling removed", "tail (conv_transpose): inserted on the output conv_out, x2, 1 channels"]
+    assert student.peak_bytes == analyze(reference, [t.to("meta") for t in inputs]).peak_bytes
+    assert 3.9 < analyze(teacher, [t.to("meta") for t in inputs]).peak_bytes / student.peak_bytes <= 4.0
+    roles = [student.stage_map.sites[i].role for i in dict(student.stage_map.placements)["6-site"]]
+    assert roles == ["head", "encoder", "encoder", "decoder", "decoder", "tail"]

@@ -57,12 +57,11 @@ from typing import Any, ClassVar
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 
 from memplan.capture import META_KEY
 from memplan.errors import describe_error
-from memplan.report import write_text_atomic
+from memplan.io import write_text_atomic
 from passes.downsampling import (
     KIND_RULES,
     AbsorbError,

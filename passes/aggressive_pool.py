@@ -24,6 +24,22 @@ keeps its shape:
 
 Reproduces ReDistill: ResNet18 at ``k=4`` gets strides [conv1, maxpool, layer1..4] = [8, 1, 1, 2, 2, 1].
 
+**Encoder-decoders** (UNets, FPN/HRNet-style fusion, diffusion denoisers: graphs with upsampling
+points). Every node gets a *gain* (teacher size / student size per side, :func:`_gains`): the stem
+conv takes stride ``k`` (``pool="stride"``, even at stride 1: ReDistill's DDPM head), the deepest
+levels absorb ``k`` as above, and each equal-resolution region of the teacher keeps one gain, so a
+decoder's upsampling that meets its skip (add or concat) gets the factor that keeps the join matched
+(:class:`Rescale`: a transposed conv's stride and kernel, fresh weights when the kernel changes; an
+interpolation's scale, removed at x1). Which upsampling matches which downsampling follows from the
+regions (networkx components of equal-size edges), not from names. A join no factor can keep matched
+is refused naming the node. The output comes back at ``k`` times smaller and a :class:`TailUpsample`
+(``tail="conv_transpose"`` or ``"upsample"``) restores it. ReDistill's k=2 DDPM student comes out as
+head stride 2, deepest DownSample stride 1, its UpSample without interpolation, a stride-2 tail.
+The stage map of an encoder-decoder lists candidate RED sites (:class:`Site`: head output, input and
+output of every shrunk encoder and decoder block — maximal module calls at one resolution — and the
+tail input), each paired with the teacher's last map of equal size on the same side, and names the
+paper's placements (``"6-site"``, ``"2-site"``) for the block-attachment pass.
+
 **Stage map rule.** Feature points are stage outputs (the exit of each region, see
 :mod:`passes.downsampling`) plus an inserted stem pool. Every student feature point whose spatial
 size shrank is paired (``position="output"``) with the teacher feature point of *equal* size (the

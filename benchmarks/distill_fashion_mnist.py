@@ -11,9 +11,10 @@ Regimes (``REGIMES``; real Fashion-MNIST images, deterministic from their seeds)
 Per regime: one teacher (seed 0), then the students, all trained from scratch with the same
 recipe (SGD-Nesterov, one-cycle LR 0.1, batch 128, ``--epochs`` epochs, horizontal flips) and the
 methods ``none`` (vanilla student), ``red-blocks`` (RED blocks, task loss only), ``kd`` (T=4),
-``at``, ``fitnet`` (on the stage-map outputs), ``red`` and ``red+kd``. RED's alpha (1, 10, 50) and
+``at``, ``fitnet`` (on the stage-map outputs), ``red``, ``red+kd`` and ``red-blocks+kd`` (RED blocks
+and KD without the RED loss: what the RED loss adds when KD is present). RED's alpha (1, 10, 50) and
 placement (input+output, output) are chosen on the validation split (last-epoch accuracy, seed 0);
-``red+kd`` uses the same alpha and placement and ``red-blocks`` the same placement. The primary regime
+``red+kd`` uses the same alpha and placement, ``red-blocks`` and ``red-blocks+kd`` the same placement. The primary regime
 runs ``--seeds`` seeds per method (1 in the second). Reported: last-epoch test accuracy (mean ± std
 over seeds), the deployed student's peak activation memory (deploy form, batch 1, RED blocks
 included; :func:`memplan.analyze.analyze` of the student rebuilt from its run directory by
@@ -59,8 +60,9 @@ from passes import PLACEMENTS
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results" / "distill_fashion_mnist.json"
 RUNS = ROOT / "runs" / "distill_fashion_mnist"
-METHODS = ("none", "red-blocks", "kd", "at", "fitnet", "red", "red+kd")
-RED_METHODS = ("red", "red+kd", "red-blocks")  # use RED's chosen placement (and alpha, red-blocks aside)
+METHODS = ("none", "red-blocks", "kd", "at", "fitnet", "red", "red+kd", "red-blocks+kd")
+RED_METHODS = ("red", "red+kd", "red-blocks", "red-blocks+kd")  # use RED's chosen placement (and alpha)
+NO_RED_LOSS = ("red-blocks", "red-blocks+kd")  # RED blocks without the RED loss: no alpha
 ALPHAS = (1.0, 10.0, 50.0)
 EPOCHS = 15
 SEEDS = 3
@@ -169,7 +171,7 @@ def method_label(method: str, chosen: dict[str, Any] | None) -> str | None:
         return method
     if chosen is None:
         return None
-    alpha = None if method == "red-blocks" else chosen["alpha"]
+    alpha = None if method in NO_RED_LOSS else chosen["alpha"]
     return red_label(method, alpha, chosen["placement"])
 
 
@@ -196,7 +198,7 @@ def summarize(runs: dict[str, Any], seeds: list[int]) -> dict[str, Any]:
             "run": label,
         }
         if method in RED_METHODS:
-            rows[method].update(alpha=None if method == "red-blocks" else chosen["alpha"],
+            rows[method].update(alpha=None if method in NO_RED_LOSS else chosen["alpha"],
                                 placement=chosen["placement"])
     if "red" in rows:
         rows["red"]["selection"] = candidates

@@ -9,7 +9,7 @@ Example:
     >>> cfg.teacher_kwargs = filled_kwargs(cfg.teacher, {}, bundle)
     >>> student, module = derive_student(cfg, bundle, red=True)
     >>> student.recipe.factor, module.red_points[:2]
-    (2, ['red_in0', 'red_out0'])
+    (2, ['red_out0', 'red_in1'])
 """
 
 from __future__ import annotations

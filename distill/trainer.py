@@ -115,7 +115,7 @@ def format_epoch(record: dict[str, Any], epochs: int) -> str:
 
     >>> format_epoch({"epoch": 3, "train_loss": {"total": 0.41, "task": 0.3, "red": 0.11}, "train_acc": 88.2,
     ...               "val_acc": 87.9, "test_acc": 87.5, "lr": 0.01, "seconds": 12.3, "images_per_s": 1234.0}, 15)
-    'epoch  3/15  loss 0.4100 (task 0.3000, red 0.1100)  train 88.20%  val 87.90%  test 87.50%  lr 0.0100  1234 img/s  12.3 s'
+    'epoch  3/15  loss 0.4100 (red 0.1100, task 0.3000)  train 88.20%  val 87.90%  test 87.50%  lr 0.0100  1234 img/s  12.3 s'
     """
     width = len(str(epochs))
     losses = dict(record.get("train_loss", {}))

@@ -15,9 +15,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from memplan.errors import MemplanError
+from memplan.registry import Registry
 
 Configure = Callable[[argparse.ArgumentParser], None]
-_COMMANDS: dict[str, tuple[str, Configure]] = {}
+COMMANDS: Registry[tuple[str, Configure]] = Registry("command")
 
 
 def command(name: str, help: str) -> Callable[[Configure], Configure]:  # noqa: A002
@@ -27,10 +28,11 @@ def command(name: str, help: str) -> Callable[[Configure], Configure]:  # noqa: 
         >>> @command("hello", "say hello")
         ... def _configure(p):
         ...     p.set_defaults(func=lambda args: print("hello") or 0)
+        >>> _ = COMMANDS.unregister("hello")
     """
 
     def deco(configure: Configure) -> Configure:
-        _COMMANDS[name] = (help, configure)
+        COMMANDS.add(name, (help, configure))
         return configure
 
     return deco
@@ -62,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         importlib.import_module(f"memplan.commands.{info.name}")
     parser = argparse.ArgumentParser(prog="memplan", description="Peak activation memory of CNNs, and less of it.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, (help_text, configure) in sorted(_COMMANDS.items()):
+    for name, (help_text, configure) in COMMANDS.items():
         configure(sub.add_parser(name, help=help_text, description=help_text))
     return parser
 

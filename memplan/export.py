@@ -38,6 +38,7 @@ from torch.utils import _pytree as pytree
 from memplan.capture import META_KEY, capture
 from memplan.errors import MemplanError, describe_error
 from memplan.graph import op_kind
+from memplan.io import check_destination, publish
 
 __all__ = ["ExportResult", "ParityCheck", "export_onnx", "fold_batchnorm"]
 
@@ -282,7 +283,7 @@ def export_onnx(
     """
     import onnxruntime as ort
 
-    path = Path(path)
+    path = check_destination(path)
     args = _as_tuple(example_inputs)
     was_training = model.training
     model.eval()
@@ -322,7 +323,7 @@ def export_onnx(
                     f"{path} not written"
                 )
             opset_used = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
-            os.replace(tmp, path)
+            publish(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
     finally:

@@ -92,6 +92,19 @@ def atomic_write(path: str | Path, mode: str = "wb", make_parents: bool = True) 
         raise
 
 
+def publish(tmp: str | Path, path: str | Path) -> None:
+    """Move a finished temporary file (written by a library into ``path``'s directory) onto ``path``.
+
+    The new file gets the mode a fresh file would (umask) or the old file's; ``path`` is checked first.
+    """
+    target = check_destination(path)
+    try:
+        os.chmod(tmp, os.stat(target).st_mode & 0o777 if target.exists() else 0o666 & ~_umask())
+        os.replace(tmp, target)
+    except OSError as e:
+        raise WriteError(f"cannot write '{path}': {e.strerror or e}") from None
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically (module docstring)."""
     with atomic_write(path, "w") as f:

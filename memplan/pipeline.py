@@ -66,6 +66,7 @@ log = logging.getLogger("memplan.pipeline")
 PIPELINE_KEYS = ("model", "data", "teacher", "teacher_kwargs", "teacher_checkpoint", "factor", "recipe", "method",
                  "epochs", "out_dir", "resume")
 PARITY_SAMPLES = 16  # real validation images checked against onnxruntime
+INT8_CALIBRATION = 256  # validation images that calibrate the int8 models (and test images of their parity check)
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,8 @@ class PipelineConfig:
     and exported; its H sets the training ``image_size`` (None: batch 1 at the data's size).
     ``overrides``: ``key=value`` :class:`~distill.config.TrainConfig` settings for both training
     runs (``lr=0.05``, ``train_subset=200``...), except :data:`PIPELINE_KEYS`. ``latency_runs`` and
-    ``ort_threads``: onnxruntime runs behind the median latency, and its intra-op threads.
+    ``ort_threads``: onnxruntime runs behind the median latency, and its intra-op threads. ``int8``:
+    also quantize both ONNX models (static QDQ, calibrated on validation images) and report them.
     """
 
     model: str
@@ -97,6 +99,7 @@ class PipelineConfig:
     latency_runs: int = 20
     ort_threads: int = 1
     trust_code: bool = False
+    int8: bool = False
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,24 @@ class Accuracy:
             raise MemplanError(f"run '{run.path}' has no finished epoch in {RunDir.METRICS}")
         best = max(records, key=lambda r: r["val_acc"])
         return cls(records[-1]["epoch"], records[-1]["test_acc"], best["epoch"], best["val_acc"], best["test_acc"])
+
+
+@dataclass(frozen=True)
+class Int8Summary:
+    """The static int8 twin of an exported model (``memplan export --int8``), run by onnxruntime.
+
+    ``test_acc``: top-1 on the whole test split (%); ``top1_agreement``/``max_abs_diff``: against the
+    fp32 file on the quantizer's held-out images; peaks and latency as in :class:`ModelSummary`.
+    """
+
+    onnx: str
+    test_acc: float
+    top1_agreement: float
+    max_abs_diff: float
+    onnx_peak_bytes: int
+    ort_graph_peak_bytes: int
+    measured_peak_bytes: int
+    latency_ms: float
 
 
 @dataclass(frozen=True)
@@ -145,6 +166,7 @@ class ModelSummary:
     latency_ms: float
     parity_max_abs_diff: float
     accuracy: Accuracy
+    int8: Int8Summary | None = None
 
 
 @dataclass(frozen=True)
@@ -225,9 +247,38 @@ def _deploy_shape(config: PipelineConfig, bundle: DataBundle) -> tuple[int, ...]
 # export, analysis, measurement
 
 
+def _ort_accuracy(path: Path, images: torch.Tensor, labels: torch.Tensor) -> float:
+    """Top-1 accuracy (%) of an ONNX classifier in onnxruntime, one image at a time (a static batch of 1)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    hits = sum(int(session.run(None, {name: images[i : i + 1].numpy()})[0].argmax() == labels[i])
+               for i in range(len(images)))
+    return 100.0 * hits / max(1, len(images))
+
+
+def _int8(name: str, onnx_path: Path, shape: tuple[int, ...], bundle: DataBundle, config: PipelineConfig
+          ) -> Int8Summary:
+    """Quantize ``onnx_path`` to ``OUT/NAME_int8.onnx``, then score, analyse and measure it."""
+    from memplan.quantize import quantize_onnx
+
+    path = Path(config.out_dir) / f"{name}_int8.onnx"
+    log.info("%s: int8 quantization %s", name, path)
+    calib = bundle.preprocess(bundle.val.images[:INT8_CALIBRATION], train=False)
+    test = bundle.preprocess(bundle.test.images, train=False)
+    q = quantize_onnx(onnx_path, path, calib.numpy(), test[:INT8_CALIBRATION].numpy())
+    report = measure(str(path), shape, name=f"{name} int8", runs=config.latency_runs, threads=config.ort_threads)
+    theory = {e.label: e.peak_bytes for e in report.theory}
+    measured = {m.backend: m for m in report.measured}
+    return Int8Summary(str(path), _ort_accuracy(path, test, bundle.test.labels), q.top1_agreement, q.max_abs_diff,
+                       theory["deploy"], theory["onnxruntime's optimized graph"],
+                       int(measured["onnxruntime, arena"].peak_bytes), float(measured["onnxruntime, arena"].latency_ms))
+
+
 def _summarize(
     name: str, model: nn.Module, run: RunDir, weights: str, shape: tuple[int, ...], real: torch.Tensor,
-    config: PipelineConfig,
+    config: PipelineConfig, bundle: DataBundle,
 ) -> ModelSummary:
     """Export ``model`` to ``OUT/NAME.onnx`` (parity on ``real`` images), analyse, measure, plot its timeline."""
     out = Path(config.out_dir)
@@ -255,6 +306,7 @@ def _summarize(
         latency_ms=float(measured["onnxruntime, arena"].latency_ms),
         parity_max_abs_diff=exported.max_abs_diff,
         accuracy=Accuracy.from_run(run),
+        int8=_int8(name, onnx_path, shape, bundle, config) if config.int8 else None,
     )
 
 
@@ -274,15 +326,16 @@ def run_pipeline(config: PipelineConfig) -> PipelineResult:
     needs_red = build_objective(config.method).needs_red_blocks
     if config.teacher is not None:  # refuse a bad --teacher before anything is written
         _teacher_config(RunDir.from_checkpoint(config.teacher)[0], config.model, config.trust_code)
-    with RunDir(config.out_dir).lock():  # one pipeline per output directory
-        return _run_locked(config, needs_red)
-
-
-def _run_locked(config: PipelineConfig, needs_red: bool) -> PipelineResult:
-    out = Path(config.out_dir)
     base = _base_config(config)
     bundle = _load_data(base)
     shape = _deploy_shape(config, bundle)
+    with RunDir(config.out_dir).lock():  # one pipeline per output directory
+        return _run_locked(config, needs_red, base, bundle, shape)
+
+
+def _run_locked(config: PipelineConfig, needs_red: bool, base: TrainConfig, bundle: DataBundle,
+                shape: tuple[int, ...]) -> PipelineResult:
+    out = Path(config.out_dir)
 
     teacher_run, teacher_weights = _teacher_stage(config, base, out)
     teacher = teacher_run.load_model(teacher_weights, trust_code=config.trust_code)
@@ -294,8 +347,8 @@ def _run_locked(config: PipelineConfig, needs_red: bool) -> PipelineResult:
     recipe, placement = student_run.recipe()
 
     real = bundle.preprocess(bundle.val.images[: max(PARITY_SAMPLES, shape[0])], train=False)
-    t = _summarize("teacher", teacher, teacher_run, teacher_weights, shape, real, config)
-    s = _summarize("student", student, student_run, "student.pt", shape, real, config)
+    t = _summarize("teacher", teacher, teacher_run, teacher_weights, shape, real, config, bundle)
+    s = _summarize("student", student, student_run, "student.pt", shape, real, config, bundle)
     result = PipelineResult(
         out_dir=str(out),
         model=config.model,
@@ -385,13 +438,30 @@ ROWS: list[tuple[str, Callable[[ModelSummary], str], Callable[[ModelSummary, Mod
 ]
 
 
+INT8_ROWS: list[tuple[str, Callable[[Int8Summary], str], Callable[[Int8Summary, Int8Summary], str]]] = [
+    ("int8: test accuracy (onnxruntime)", lambda q: f"{q.test_acc:.2f}%",
+     lambda t, s: f"{s.test_acc - t.test_acc:+.2f} pts"),
+    ("int8: top-1 agreement with fp32", lambda q: f"{100 * q.top1_agreement:.2f}%", lambda t, s: ""),
+    ("int8: ONNX graph peak", lambda q: _bytes(q.onnx_peak_bytes),
+     lambda t, s: _ratio(t.onnx_peak_bytes, s.onnx_peak_bytes)),
+    ("int8: ORT-graph peak", lambda q: _bytes(q.ort_graph_peak_bytes),
+     lambda t, s: _ratio(t.ort_graph_peak_bytes, s.ort_graph_peak_bytes)),
+    ("int8: measured peak (onnxruntime)", lambda q: _bytes(q.measured_peak_bytes),
+     lambda t, s: _ratio(t.measured_peak_bytes, s.measured_peak_bytes)),
+    ("int8: ORT latency (median)", lambda q: f"{q.latency_ms:.3f} ms", lambda t, s: _ratio(t.latency_ms, s.latency_ms)),
+]
+
+
 def format_table(result: PipelineResult) -> str:
     """The teacher vs student markdown table of ``report.md`` (also what ``memplan pipeline`` prints)."""
     red = f" + {result.student.red_blocks} RED" if result.student.red_blocks else ""
+    t, s = result.teacher, result.student
     lines = [f"| | teacher | student (k={result.factor}{red}) | teacher / student (accuracy: Δ) |",
              "|---|---:|---:|---:|"]
-    lines += [f"| {label} | {cell(result.teacher)} | {cell(result.student)} | {last(result.teacher, result.student)} |"
-              for label, cell, last in ROWS]
+    lines += [f"| {label} | {cell(t)} | {cell(s)} | {last(t, s)} |" for label, cell, last in ROWS]
+    if t.int8 is not None and s.int8 is not None:
+        lines += [f"| {label} | {cell(t.int8)} | {cell(s.int8)} | {last(t.int8, s.int8)} |"
+                  for label, cell, last in INT8_ROWS]
     return "\n".join(lines)
 
 

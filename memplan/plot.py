@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from memplan.analyze import MemoryReport
+from memplan.io import atomic_write
 from memplan.planner import ArenaPlan
 from memplan.report import fmt_bytes
 
@@ -54,10 +55,12 @@ def _title(report: MemoryReport) -> str:
 
 def _save(fig: Any, path: str | Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    _pyplot().close(fig)
+    try:
+        with atomic_write(path, "wb") as f:
+            fig.savefig(f, format="png", dpi=120)
+    finally:
+        _pyplot().close(fig)
     return path
 
 

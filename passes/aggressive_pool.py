@@ -182,6 +182,8 @@ class InsertPool:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> InsertPool:
+        if d["kind"] not in _POOL_MODULES:
+            raise ValueError(f"unknown pool kind {d['kind']!r} (use {', '.join(_POOL_MODULES)})")
         return cls(d["after"], d["name"], d["kind"], int(d["size"]))
 
 
@@ -359,10 +361,14 @@ class Recipe:
             raise PassError(f"not a student recipe (expected format '{cls.FORMAT}')")
         try:
             changes = tuple(_CHANGES[c["action"]].from_json(c) for c in d["changes"])
-            return cls(str(d["model"]), tuple(int(x) for x in d["input_shape"]), int(d["factor"]), str(d["pool"]),
-                       str(d["absorb"]), changes)
+            recipe = cls(str(d["model"]), tuple(int(x) for x in d["input_shape"]), int(d["factor"]), str(d["pool"]),
+                         str(d["absorb"]), changes)
         except (KeyError, TypeError, ValueError) as e:
-            raise PassError(f"malformed student recipe: {type(e).__name__}: {e}") from e
+            raise PassError(f"malformed student recipe: {type(e).__name__}: {e}") from None
+        if recipe.pool not in POOLS or recipe.absorb not in ABSORB:
+            raise PassError(f"malformed student recipe: pool '{recipe.pool}' / absorb '{recipe.absorb}' is not one of "
+                            f"{', '.join(POOLS)} / {', '.join(ABSORB)}")
+        return recipe
 
     def save(self, path: str | Path) -> None:
         """Write the recipe as JSON (atomically)."""

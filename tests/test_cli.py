@@ -47,7 +47,7 @@ def test_user_file_callable(tmp_path, capsys):
 @pytest.mark.parametrize(
     "argv,needle",
     [
-        (["analyze", "zoo:not_a_model"], "unknown model"),
+        (["analyze", "zoo:not_a_model"], "unknown zoo model"),
         (["analyze", "zoo:resnet18", "--input", "1,x,3"], "bad input shape"),
         (["analyze", "zoo:resnet18", "--input", "1,3,0,4"], "bad input shape"),
         (["analyze", "missing_file.py:build"], "does not exist"),

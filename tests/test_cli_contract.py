@@ -43,6 +43,10 @@ def hostile(tmp_path_factory):
     (d / "bad_pool.json").write_text(json.dumps({"format": "memplan-student-recipe/1", "model": "ResNet",
                                                   "input_shape": [1, 1, 28, 28], "factor": 2, "pool": "median",
                                                   "absorb": "stem", "changes": []}))
+    (d / "bad_pool_kind.json").write_text(json.dumps({
+        "format": "memplan-student-recipe/1", "model": "ResNet", "input_shape": [1, 1, 28, 28], "factor": 2,
+        "pool": "max", "absorb": "stem",
+        "changes": [{"action": "insert_pool", "after": "relu", "name": "p", "kind": "median_pool", "size": 2}]}))
     # a run directory whose config names code to run, and one with a malicious checkpoint
     for name, cfg in (("evil_run", {"model": "subprocess:run", "model_kwargs": {"args": "touch PWNED"}}),
                       ("run", {"model": "zoo:resnet_tiny", "model_kwargs": {"num_classes": 10, "in_chans": 1}})):
@@ -76,6 +80,7 @@ CASES = {
     # student
     "student-out-is-a-file": ["student", "zoo:resnet_tiny", "--factor", "2", "--out", "{d}/a_file"],
     "student-recipe-unknown-pool": ["student", "zoo:resnet_tiny", "--recipe", "{d}/bad_pool.json"],
+    "student-recipe-unknown-pool-kind": ["student", "zoo:resnet_tiny", "--recipe", "{d}/bad_pool_kind.json"],
     "student-bad-budget": ["student", "zoo:resnet_tiny", "--budget", "lots"],
     # export
     "export-untrusted-run-config": ["export", "{d}/evil_run", "--out", "{d}/x.onnx"],
@@ -194,3 +199,20 @@ def test_trusted_code_runs_when_asked(tmp_path, capsys):
     assert main(["export", str(out), "--out", str(tmp_path / "n.onnx")]) == 2  # the run's config names code
     assert main(["export", str(out), "--trust-code", "--out", str(tmp_path / "n.onnx")]) == 0
     capsys.readouterr()
+
+
+def test_an_image_over_the_decompression_limit_is_refused_before_decoding(tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            (tmp_path / "imgs" / split / cls).mkdir(parents=True)
+            Image.new("RGB", (40, 40)).save(tmp_path / "imgs" / split / cls / "x.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 40x40 = 1600 pixels: a "bomb" at this limit
+    decoded = []
+    monkeypatch.setattr(Image.Image, "convert", lambda self, *a, **k: decoded.append(1))
+    assert main(["train", "zoo:resnet_tiny", "--data", f"imagefolder:{tmp_path / 'imgs'}", "--out",
+                 str(tmp_path / "run"), "device=cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "over Pillow's decompression limit" in err and err.count("\n") == 1 and not decoded
+    assert not (tmp_path / "run").exists()

@@ -27,7 +27,7 @@ def _examples() -> list:
         module = importlib.import_module(name)
         for test in doctest.DocTestFinder(exclude_empty=True).find(module, name, globs={}):
             if test.examples and test.name.startswith(name):
-                marks = [pytest.mark.slow] if name.split(".")[0:2] and ".".join(name.split(".")[:2]) in SLOW else []
+                marks = [pytest.mark.slow] if name in SLOW else []
                 cases.append(pytest.param(name, test.name, id=test.name, marks=marks))
     return cases
 

@@ -156,10 +156,10 @@ def test_run_directory(tmp_path, capsys, red):
 
 
 def test_unsupported_run_directory_is_one_line_error(tmp_path, capsys):
-    (tmp_path / "config.yaml").write_text("model: x\n")
+    (tmp_path / "notes.txt").write_text("not a run\n")
     assert main(["export", str(tmp_path), "--out", str(tmp_path / "x.onnx")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "recipe.json" in err
+    assert err.count("\n") == 0 and "is not a memplan run directory" in err
 
 
 class _ShapeBranch(torch.nn.Module):

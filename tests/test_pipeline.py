@@ -18,13 +18,14 @@ BYTE_ROWS = {  # report.md row label -> report.json key of each model
 }
 
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.slow]  # each test trains two runs
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("pipeline") / "run"
-    assert main(["pipeline", "zoo:resnet_tiny", "--data", "digits", "--factor", "2", "--out", str(out), *TINY]) == 0
+    assert main(["pipeline", "zoo:resnet_tiny", "--data", "digits", "--factor", "2", "--int8", "--out", str(out),
+                 *TINY]) == 0
     return out
 
 
@@ -46,6 +47,19 @@ def test_files(run):
         assert analyze_onnx(run / f"{who}.onnx").peak_bytes == m["onnx_peak_bytes"] == m["peak_bytes"]
         assert m["parity_max_abs_diff"] <= 1e-4 and m["accuracy"]["epochs"] == 1
     assert doc["student"]["peak_bytes"] < doc["teacher"]["peak_bytes"]
+
+
+def test_int8_rows(run):
+    doc = json.loads((run / "report.json").read_text())
+    table = _table((run / "report.md").read_text())
+    for col, who in enumerate(("teacher", "student")):
+        q = doc[who]["int8"]
+        assert (run / f"{who}_int8.onnx").is_file() and q["onnx"].endswith(f"{who}_int8.onnx")
+        assert 0 <= q["test_acc"] <= 100 and 0 <= q["top1_agreement"] <= 1
+        assert q["onnx_peak_bytes"] <= doc[who]["onnx_peak_bytes"]  # int8 tensors are 1 byte per element
+        assert table["int8: test accuracy (onnxruntime)"][col] == f"{q['test_acc']:.2f}%"
+        assert int(re.search(r"\(([\d,]+) B\)", table["int8: ONNX graph peak"][col])[1].replace(",", "")) == \
+            q["onnx_peak_bytes"]
 
 
 def test_report_numbers_match_json(run):

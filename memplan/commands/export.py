@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import torch
 
 from memplan.cli import command
 from memplan.errors import MemplanError
-from memplan.io import load_torch
+from memplan.io import check_destination, load_torch
 from memplan.specs import default_input, load_model, parse_shape
 
 
@@ -45,7 +47,27 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dynamic-batch", action="store_true", help="make the batch dimension dynamic")
     p.add_argument("--real", metavar="FILE", help="real samples (.npy or .pt, shape N,C,H,W) for the parity check")
     p.add_argument("--tolerance", type=float, default=1e-4, help="max |onnxruntime - PyTorch| allowed")
+    p.add_argument("--int8", action="store_true", help="write a static int8 (QDQ, per-channel) model calibrated on "
+                                                       "--calib (onnxruntime's quantization tools)")
+    p.add_argument("--calib", metavar="DATA_SPEC", help="with --int8: calibration data (its validation split; the "
+                                                        "parity check uses test images), e.g. digits, fashion-mnist")
+    p.add_argument("--calib-samples", type=int, default=256, help="with --int8: calibration images (default 256)")
     p.set_defaults(func=run)
+
+
+def _calibration(spec: str, shape: tuple[int, ...], samples: int) -> tuple[np.ndarray, np.ndarray]:
+    """(calibration, check) float32 arrays: preprocessed validation and test images of ``spec`` at ``shape``."""
+    from distill.data import load_data
+
+    if samples < 1:
+        raise MemplanError(f"--calib-samples must be >= 1, got {samples}")
+    bundle = load_data(spec, image_size=shape[-1] if len(shape) == 4 else None)
+    if (bundle.in_chans, *bundle.input_size) != tuple(shape[1:]):
+        raise MemplanError(f"--calib {spec} gives {bundle.in_chans}x{'x'.join(map(str, bundle.input_size))} images; "
+                           f"the model takes {'x'.join(map(str, shape[1:]))}")
+    calib = bundle.preprocess(bundle.val.images[:samples], train=False)
+    check = bundle.preprocess(bundle.test.images[: max(64, min(samples, 512))], train=False)
+    return calib.numpy().astype(np.float32), check.numpy().astype(np.float32)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -59,11 +81,24 @@ def run(args: argparse.Namespace) -> int:
     else:
         model, shape = load_model(args.model), default_input(args.model)
     shape = parse_shape(args.input) if args.input else shape
+    if args.int8 != bool(args.calib):
+        raise MemplanError("--int8 needs --calib DATA_SPEC (and --calib only applies with --int8)")
+    check_destination(args.out)
+    calib = _calibration(args.calib, shape, args.calib_samples) if args.int8 else None
     real = _real_inputs(args.real, shape) if args.real else None
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
-    with warnings.catch_warnings():  # the exporter fallback warning is part of the summary
-        warnings.simplefilter("ignore", UserWarning)
-        result = export_onnx(model, x, args.out, opset=args.opset, dynamic_batch=args.dynamic_batch,
-                             real_inputs=real, tolerance=args.tolerance)
-    print(result.summary())
+    with contextlib.ExitStack() as stack:
+        fp32 = args.out
+        if calib is not None:  # the fp32 export is an intermediate next to the output
+            fp32 = stack.enter_context(tempfile.TemporaryDirectory(dir=Path(args.out).resolve().parent)) + "/fp32.onnx"
+        with warnings.catch_warnings():  # the exporter fallback warning is part of the summary
+            warnings.simplefilter("ignore", UserWarning)
+            result = export_onnx(model, x, fp32, opset=args.opset, dynamic_batch=args.dynamic_batch,
+                                 real_inputs=real if real is not None else None if calib is None else
+                                 torch.from_numpy(calib[1][:16]), tolerance=args.tolerance)
+        print(result.summary())
+        if calib is not None:
+            from memplan.quantize import quantize_onnx
+
+            print(quantize_onnx(fp32, args.out, *calib).summary())
     return 0

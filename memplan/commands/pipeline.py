@@ -44,6 +44,8 @@ def configure(p: argparse.ArgumentParser) -> None:
                                    "training image size (default: batch 1 at the data's size)")
     p.add_argument("--latency-runs", type=int, default=20, help="onnxruntime runs for the median latency")
     p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (0 = its default)")
+    p.add_argument("--int8", action="store_true", help="also quantize both models to int8 (static QDQ, calibrated "
+                                                       "on validation images) and add int8 rows to the report")
     p.add_argument("--trust-code", action="store_true", help="let a --teacher run's config.yaml name code "
                                                              "(FILE.py:fn, pkg.mod:fn)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
@@ -74,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
         latency_runs=args.latency_runs,
         ort_threads=args.threads,
         trust_code=args.trust_code,
+        int8=args.int8,
     )
     result = run_pipeline(config)
     print(format_table(result))

@@ -91,6 +91,7 @@ from passes.downsampling import (
     normalized_kwargs,
     op_kind,
     read_geometry,
+    set_arguments,
     up_kind,
     write_geometry,
 )
@@ -216,10 +217,11 @@ class Rescale:
         if node.op == "call_module":
             _rescale_module(gm.get_submodule(str(node.target)), self, node)
             return
-        if self.kind == "conv_transpose":
-            raise PassError(f"node '{node.name}' is a functional transposed conv; only nn.ConvTranspose2d modules "
-                            "can take a new stride (their weights change shape)")
         kw = normalized_kwargs(node)
+        if self.kind == "conv_transpose":
+            _rescale_functional_conv_transpose(gm, node, kw, self)
+            set_arguments(node, kw)
+            return
         for key in ("size", "output_size", "scale_factor", "scale_factors"):
             if kw.get(key) is None:
                 continue
@@ -227,7 +229,7 @@ class Rescale:
                 kw[key] = [float(self.new)] * 2 if isinstance(kw[key], (list, tuple)) else float(self.new)
             elif self.size is not None:
                 kw[key] = list(self.size)
-        node.args, node.kwargs = (), kw
+        set_arguments(node, kw)
 
     def describe(self) -> str:
         what = "removed" if self.new == 1 and self.kind == "interpolate" else f"x{self.old} -> x{self.new}"
@@ -243,20 +245,47 @@ class Rescale:
                    tuple(d["size"]) if d.get("size") else None)
 
 
+def _new_kernel(node: fx.Node, change: Rescale, kernel: Sequence[int], stride: Sequence[int],
+                padding: Sequence[int], output_padding: Sequence[int]) -> int:
+    """Kernel of a transposed conv that upsamples exactly ``x change.new`` where it upsampled exactly
+    ``x stride`` (``kernel - 2 * padding + output_padding == stride``; padding kept, no output padding)."""
+    k, s, p, op = (int(v[0]) if isinstance(v, (list, tuple)) else int(v) for v in (kernel, stride, padding, output_padding))
+    if k - 2 * p + op != s or any(len(set(v)) > 1 for v in (kernel, stride, padding) if isinstance(v, (list, tuple))):
+        raise PassError(f"node '{node.name}' ({change.target}) upsamples with kernel {kernel}, stride {stride}, "
+                        f"padding {padding}: not an exact x{s}, so it cannot take a new stride")
+    return int(change.new) + 2 * p
+
+
+def _fresh(weight: torch.Tensor, kernel: int) -> nn.Parameter:
+    """A new transposed-conv weight of kernel ``kernel``, initialised as torch initialises one."""
+    new = nn.Parameter(weight.new_empty((*weight.shape[:2], kernel, kernel)))
+    if new.device.type != "meta":
+        nn.init.kaiming_uniform_(new, a=math.sqrt(5))
+    return new
+
+
+def _rescale_functional_conv_transpose(gm: fx.GraphModule, node: fx.Node, kw: dict, change: Rescale) -> None:
+    weight = kw.get("weight")
+    if not isinstance(weight, fx.Node) or weight.op != "get_attr":
+        raise PassError(f"node '{node.name}' upsamples with a computed transposed-conv weight; it cannot take a new stride")
+    owner_path, _, attr = str(weight.target).rpartition(".")
+    owner = gm.get_submodule(owner_path)
+    old = getattr(owner, attr)
+    kernel = _new_kernel(node, change, old.shape[-2:], kw.get("stride", 1), kw.get("padding", 0),
+                         kw.get("output_padding", 0))
+    kw["stride"], kw["output_padding"] = [int(change.new)] * 2, [0, 0]
+    if kernel != old.shape[-1]:
+        setattr(owner, attr, _fresh(old, kernel))
+
+
 def _rescale_module(m: nn.Module, change: Rescale, node: fx.Node) -> None:
     if isinstance(m, nn.ConvTranspose2d):
-        (k, _), (p, _), (op, _) = m.kernel_size, m.padding, m.output_padding
-        s, new = m.stride[0], int(change.new)
-        if k - 2 * p + op != s or len(set(m.kernel_size)) > 1 or len(set(m.padding)) > 1:
-            raise PassError(f"node '{node.name}' ({change.target}) upsamples with kernel {m.kernel_size}, stride "
-                            f"{m.stride}, padding {m.padding}: not an exact x{s}, so it cannot take a new stride")
-        kernel = new + 2 * p
+        kernel = _new_kernel(node, change, m.kernel_size, m.stride, m.padding, m.output_padding)
+        new = int(change.new)
         m.stride, m.output_padding = (new, new), (0, 0)
-        if kernel != k:  # a new weight shape: fresh weights
+        if kernel != m.kernel_size[0]:  # a new weight shape: fresh weights
             m.kernel_size = (kernel, kernel)
-            m.weight = nn.Parameter(m.weight.new_empty((*m.weight.shape[:2], kernel, kernel)))
-            if m.weight.device.type != "meta":
-                m.reset_parameters()
+            m.weight = _fresh(m.weight, kernel)
         return
     if getattr(m, "scale_factor", None) is not None:
         m.scale_factor = float(change.new)

@@ -60,8 +60,8 @@ from passes.layout import layout_of, propagate_layout, spatial_size
 
 __all__ = [
     "KIND_RULES", "UP_KINDS", "AbsorbError", "DownsamplingAnalysis", "Geometry", "KindRule", "Level", "PassError",
-    "Point", "Stem", "UpPoint", "analyze_downsampling", "deploy_peak", "op_kind", "read_geometry", "up_kind",
-    "write_geometry",
+    "Point", "Stem", "UpPoint", "analyze_downsampling", "deploy_peak", "normalized_kwargs", "op_kind",
+    "read_geometry", "set_arguments", "up_kind", "write_geometry",
 ]
 
 Size = tuple[int, int]
@@ -194,13 +194,31 @@ class _FunctionAccess:
             kw["padding"] = _same_padding(g.kernel, kw.get("dilation", 1), node)
             if isinstance(node.target, torch._ops.OpOverload):
                 node.target = _ATEN.conv2d.default
-        node.args, node.kwargs = (), kw
+        set_arguments(node, kw)
 
 
 def _same_padding(kernel: int, dilation: int | Sequence[int], node: fx.Node) -> int:
     if kernel % 2 == 0:
         raise PassError(f"node '{node.name}' pads 'same' with an even kernel {kernel}; it cannot take a stride")
     return (kernel - 1) // 2 * _square(dilation, node, "dilation")
+
+
+def set_arguments(node: fx.Node, kw: dict) -> None:
+    """Give a function node the arguments ``kw`` (as :func:`normalized_kwargs` names them). ATen ops
+    take them positionally in schema order (torch.fx names their ``self`` argument ``input``)."""
+    if not isinstance(node.target, torch._ops.OpOverload):
+        node.args, node.kwargs = (), kw
+        return
+    args, kwargs = [], {}
+    for a in node.target._schema.arguments:
+        name = "input" if a.name == "self" else a.name
+        if name not in kw:
+            continue
+        if a.kwarg_only:
+            kwargs[a.name] = kw[name]
+        else:
+            args.append(kw[name])
+    node.args, node.kwargs = tuple(args), kwargs
 
 
 def normalized_kwargs(node: fx.Node) -> dict:

@@ -253,3 +253,24 @@ def test_ddpm_unet_student_matches_the_papers_recipe() -> None:
     assert 3.9 < analyze(teacher, [t.to("meta") for t in inputs]).peak_bytes / student.peak_bytes <= 4.0
     roles = [student.stage_map.sites[i].role for i in dict(student.stage_map.placements)["6-site"]]
     assert roles == ["head", "encoder", "encoder", "decoder", "decoder", "tail"]
+
+
+@pytest.mark.parametrize("up", ["convT", "interp_scale", "convT_pad"])
+def test_untraceable_unet_student_from_the_exported_graph(up: str) -> None:
+    """A UNet whose stem pads TF-"same" (torch.fx cannot trace it) is rewritten on its exported ATen
+    graph: functional transposed conv (fresh 1x1 weight) and upsample_nearest2d ops are re-scaled."""
+    from test_passes_layout import Conv2dSame
+
+    torch.manual_seed(0)
+    teacher = SkipUNet("cat", up)
+    teacher.enc1[0] = Conv2dSame(3, 8, 3, 1, bias=False)
+    teacher.eval()
+    px = 30 if up == "convT_pad" else 32
+    student = aggressive_pool(teacher, torch.empty(1, 3, px, px), factor=2)
+    assert student.recipe.changes[0].describe() == "enc1.0 (conv): stride 1 -> 2"
+    assert analyze(teacher, (1, 3, px, px)).peak_bytes == 4 * student.peak_bytes
+    gm = student.module.train()
+    out = gm(torch.randn(3, 3, px, px))
+    assert out.shape == (3, 3, px, px)
+    out.square().mean().backward()
+    assert all(p.grad is not None for p in gm.parameters())

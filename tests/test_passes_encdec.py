@@ -274,3 +274,32 @@ def test_untraceable_unet_student_from_the_exported_graph(up: str) -> None:
     assert out.shape == (3, 3, px, px)
     out.square().mean().backward()
     assert all(p.grad is not None for p in gm.parameters())
+
+
+class FPN(nn.Module):
+    """FPN top-down path: each lateral 1x1 conv is added to the interpolated coarser level."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.ReLU())
+        self.c2, self.c3, self.c4 = nn.Conv2d(16, 16, 3, 2, 1), nn.Conv2d(16, 32, 3, 2, 1), nn.Conv2d(32, 64, 3, 2, 1)
+        self.l2, self.l3, self.l4 = nn.Conv2d(16, 32, 1), nn.Conv2d(32, 32, 1), nn.Conv2d(64, 32, 1)
+        self.head = nn.Conv2d(32, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c2 = F.relu(self.c2(self.stem(x)))
+        c3 = F.relu(self.c3(c2))
+        c4 = F.relu(self.c4(c3))
+        p3 = self.l3(c3) + F.interpolate(self.l4(c4), scale_factor=2.0)
+        p2 = self.l2(c2) + F.interpolate(p3, scale_factor=2.0)
+        return F.interpolate(self.head(p2), scale_factor=4.0, mode="bilinear")
+
+
+def test_fpn_laterals_change_with_their_levels() -> None:
+    """k=4: c3 and c4 give up their stride, so both top-down interpolations meet their laterals at x1."""
+    student = aggressive_pool(FPN().eval(), torch.empty(1, 3, 64, 64), factor=4)
+    assert [c.describe() for c in student.recipe.changes] == [
+        "stem.0 (conv): stride 2 -> 8", "c3 (conv): stride 2 -> 1", "c4 (conv): stride 2 -> 1",
+        "interpolate (interpolate): upsampling removed", "interpolate_1 (interpolate): upsampling removed",
+        "tail (conv_transpose): inserted on the output interpolate_2, x4, 4 channels"]
+    assert student.module(torch.zeros(1, 3, 64, 64)).shape == (1, 4, 64, 64)

@@ -11,10 +11,11 @@ from torch import nn
 
 from distill.red import attach_red
 from memplan.analyze import analyze
+from memplan.capture import capture
 from memplan.zoo import create_model
 from passes import PassError, Recipe, aggressive_pool, apply_recipe
 from passes.aggressive_pool import InsertTail, Rescale, TailUpsample
-from passes.layout import spatial_size
+from passes.layout import propagate_layout, spatial_size
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
@@ -72,11 +73,12 @@ CASES = [("cat", "convT", 32), ("add", "convT", 32), ("cat", "upsample", 32), ("
          ("cat", "interp_size", 30), ("cat", "convT_pad", 30), ("add", "interp_size", 33)]
 
 
-def _joins(student: object) -> list[tuple[str, list[tuple[int, int]]]]:
-    """(node, spatial sizes of its map inputs) of every skip join (cat/add of two maps) of the student."""
-    graph = student.module.graph
+def _joins(module: nn.Module, shape: tuple[int, ...]) -> list[tuple[str, list[tuple[int, int]]]]:
+    """(node, spatial sizes of its map inputs) of every skip join (cat/add of two maps) of ``module``."""
+    check = capture(module, torch.empty(shape))
+    propagate_layout(check.gm)
     found = []
-    for n in graph.nodes:
+    for n in check.gm.graph.nodes:
         sizes = [spatial_size(a) for a in n.all_input_nodes if spatial_size(a) is not None]
         if len(sizes) == 2 and spatial_size(n) is not None:
             found.append((n.name, sizes))
@@ -91,13 +93,7 @@ def test_unet_student_keeps_the_output_and_matched_skips(join: str, up: str, px:
     student = aggressive_pool(teacher, torch.empty(shape), factor=2)
     x = torch.randn(2, 3, px, px)
     assert student.module.eval()(x).shape == teacher(x).shape == (2, 3, px, px)
-    from memplan.capture import capture
-    from passes.layout import propagate_layout
-
-    check = capture(student.module, torch.empty(shape))
-    propagate_layout(check.gm)
-    student.module.graph = check.gm.graph  # sizes of the student at this input, for _joins
-    joins = _joins(student)
+    joins = _joins(student.module, shape)
     assert len(joins) == 2 and all(a == b for _, (a, b) in joins)
     # k=2: the head has stride 2, so both skips join at half the teacher's resolution
     half = (px + 1) // 2

@@ -11,11 +11,16 @@ Example:
 
 from passes.aggressive_pool import (
     ABSORB,
+    ENCDEC_PLACEMENTS,
     POOLS,
+    TAILS,
     InsertPool,
+    InsertTail,
     LevelStride,
     Recipe,
+    Rescale,
     Restride,
+    Site,
     StageMap,
     StagePair,
     Student,
@@ -36,12 +41,16 @@ from passes.downsampling import (
     PassError,
     Point,
     Stem,
+    UpPoint,
     analyze_downsampling,
 )
+from passes.layout import Layout, propagate_layout, spatial_size
 
 __all__ = [
-    "ABSORB", "PLACEMENTS", "POOLS", "AbsorbError", "BlockFactory", "BudgetError", "BudgetFit", "Candidate", "DownsamplingAnalysis",
-    "Geometry", "InsertPool", "Level", "LevelStride", "PassError", "Point", "Recipe", "Restride", "StageMap",
-    "StagePair", "Stem", "Student", "WeightTransfer", "aggressive_pool", "analyze_downsampling", "apply_recipe",
-    "attach_blocks", "build_student", "fit_budget", "plan_student", "transfer_weights",
+    "ABSORB", "ENCDEC_PLACEMENTS", "PLACEMENTS", "POOLS", "TAILS", "AbsorbError", "BlockFactory", "BudgetError",
+    "BudgetFit", "Candidate", "DownsamplingAnalysis", "Geometry", "InsertPool", "InsertTail", "Layout", "Level",
+    "LevelStride", "PassError", "Point", "Recipe", "Rescale", "Restride", "Site", "StageMap", "StagePair", "Stem",
+    "Student", "UpPoint", "WeightTransfer", "aggressive_pool", "analyze_downsampling", "apply_recipe",
+    "attach_blocks", "build_student", "fit_budget", "plan_student", "propagate_layout", "spatial_size",
+    "transfer_weights",
 ]

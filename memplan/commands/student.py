@@ -29,6 +29,7 @@ from memplan.report import fmt_bytes, parse_bytes
 from memplan.specs import default_input, load_model, parse_shape
 from passes import (
     ABSORB,
+    ENCDEC_PLACEMENTS,
     PLACEMENTS,
     POOLS,
     Recipe,
@@ -53,8 +54,9 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="stride: larger stem stride; max/avg: insert a pool after the stem")
     p.add_argument("--absorb", choices=ABSORB, default="stem",
                    help="where k is taken out again: stem pools first (paper), or latest levels first")
-    p.add_argument("--placement", choices=PLACEMENTS, default="input+output",
-                   help="RED blocks counted in the peak (--budget chooses it itself)")
+    p.add_argument("--placement", choices=(*PLACEMENTS, *ENCDEC_PLACEMENTS), default="input+output",
+                   help="RED blocks counted in the peak (--budget chooses it itself); encoder-decoders also take "
+                        "ReDistill's 6-site / 2-site placements (input+output = 6-site)")
     p.add_argument("--no-red", action="store_true", help="with --budget: do not count RED blocks")
     p.add_argument("--out", metavar="DIR", help="write a student run directory (config.yaml, recipe.json, run.json, "
                                                 "student.pt) that export and distill accept")

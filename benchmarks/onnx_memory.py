@@ -2,7 +2,7 @@
 
 ResNet18, ResNet50 and MobileNetV2 (memplan zoo, torchvision architectures, random weights) at
 224x224 and 512x512, batch 1, fp32, CPU execution provider. Each model is exported with BN folded
-(``distill.export.export_onnx``, parity-checked) and measured by ``memplan.measure.measure_onnxruntime``
+(``memplan.export.export_onnx``, parity-checked) and measured by ``memplan.measure.measure_onnxruntime``
 in a fresh child process: peak RSS growth of one run plus the input, with onnxruntime's arena and
 memory patterns off ("no arena": every tensor its own allocation) and on (its default). The student
 is ``passes.aggressive_pool(factor=4)``, shown without and with RED blocks (``passes.attach_red``,
@@ -25,8 +25,8 @@ from pathlib import Path
 import onnxruntime
 import torch
 
-from distill.export import export_onnx
 from memplan.analyze import analyze
+from memplan.export import export_onnx
 from memplan.measure import measure_onnxruntime
 from memplan.onnx_ort import analyze_ort_optimized
 from memplan.report import fmt_bytes

@@ -185,7 +185,7 @@ def capture(
 
     Example:
         >>> import torch
-        >>> cg = capture(torch.nn.Conv2d(3, 8, 3), torch.empty(1, 3, 2048, 2048, device="meta"))
+        >>> cg = capture(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3)), torch.empty(1, 3, 2048, 2048, device="meta"))
         >>> cg.method, [n.meta["memplan"].outputs[0].shape for n in cg.gm.graph.nodes if n.op == "call_module"]
         ('fx', [(1, 8, 2046, 2046)])
     """

@@ -248,7 +248,7 @@ def measure_onnxruntime(
 
     Example:
         >>> import tempfile, torch
-        >>> from distill.export import export_onnx
+        >>> from memplan.export import export_onnx
         >>> path = tempfile.mkdtemp() + "/n.onnx"
         >>> _ = export_onnx(torch.nn.Conv2d(3, 16, 3, padding=1), torch.zeros(1, 3, 256, 256), path)
         >>> m = measure_onnxruntime(path, [(1, 3, 256, 256)], arena=False, runs=1)
@@ -289,7 +289,7 @@ def measure(
     """Theory and measurements for a model spec, an ``nn.Module`` or an ``.onnx`` file (module docstring).
 
     A PyTorch model is measured in eager PyTorch (CPU, and CUDA when present) and, exported with
-    BN folded (:func:`distill.export.export_onnx`), in onnxruntime. An ONNX file is measured in
+    BN folded (:func:`memplan.export.export_onnx`), in onnxruntime. An ONNX file is measured in
     onnxruntime only.
 
     Example:
@@ -314,7 +314,7 @@ def measure(
                       Estimate("deploy + in-place eltwise", analyze_onnx(path, inplace_elementwise=True).peak_bytes)]
             measured = []
         else:
-            from distill.export import export_onnx
+            from memplan.export import export_onnx
 
             label = name or (model if isinstance(model, str) else type(model).__name__)
             module = load_model(model) if isinstance(model, str) else model

@@ -11,7 +11,7 @@ whose subgraph's own temporaries are not seen.
 
 Example:
     >>> import tempfile, torch
-    >>> from distill.export import export_onnx
+    >>> from memplan.export import export_onnx
     >>> from memplan.zoo import create_model
     >>> path = tempfile.mkdtemp() + "/r18.onnx"
     >>> _ = export_onnx(create_model("resnet18"), torch.zeros(1, 3, 64, 64), path)
@@ -306,7 +306,7 @@ def analyze_onnx(
 
     Example:
         >>> import tempfile, torch
-        >>> from distill.export import export_onnx
+        >>> from memplan.export import export_onnx
         >>> path = tempfile.mkdtemp() + "/m.onnx"
         >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU())
         >>> _ = export_onnx(net, torch.zeros(1, 3, 16, 16), path)

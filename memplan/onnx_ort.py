@@ -11,7 +11,7 @@ is a conv, ``FusedGemm`` a linear...).
 
 Example:
     >>> import tempfile, torch
-    >>> from distill.export import export_onnx
+    >>> from memplan.export import export_onnx
     >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8),
     ...                           torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 1), torch.nn.Hardswish())
     >>> path = tempfile.mkdtemp() + "/n.onnx"
@@ -50,7 +50,7 @@ def ort_optimize(
 
     Example:
         >>> import tempfile, torch, onnx
-        >>> from distill.export import export_onnx
+        >>> from memplan.export import export_onnx
         >>> d = Path(tempfile.mkdtemp())
         >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU())
         >>> _ = export_onnx(net, torch.zeros(1, 3, 8, 8), d / "n.onnx")
@@ -152,7 +152,7 @@ def analyze_onnx_file(
 
     Example:
         >>> import tempfile, torch
-        >>> from distill.export import export_onnx
+        >>> from memplan.export import export_onnx
         >>> path = tempfile.mkdtemp() + "/n.onnx"
         >>> _ = export_onnx(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1)), torch.zeros(1, 3, 8, 8), path)
         >>> analyze_onnx_file(path, input_shape="1,3,16,16").peak_bytes  # (3 + 8) channels x 16 x 16 x 4 B

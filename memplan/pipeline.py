@@ -10,7 +10,7 @@
 3. **distill**: train the student with ``method`` (default ``red``) against the teacher
    (run directory ``RUN/student``).
 4. **export**: BN-folded ONNX of both models (``RUN/teacher.onnx``, ``RUN/student.onnx``), checked
-   against PyTorch on random and real validation images (:func:`distill.export.export_onnx`).
+   against PyTorch on random and real validation images (:func:`memplan.export.export_onnx`).
 5. **analyse/measure**: deploy-form peak of the PyTorch models, peak of the exported and of
    onnxruntime's optimized graph, and measured onnxruntime peak RSS and latency
    (:func:`memplan.measure.measure`); timeline plots ``RUN/{teacher,student}_timeline.png``.
@@ -44,11 +44,11 @@ import torch
 from torch import nn
 
 from distill.data import DataBundle, load_data
-from distill.export import export_onnx
 from distill.losses import build_objective
 from distill.trainer import ConfigError, TrainConfig, load_config, load_student, train
 from memplan.analyze import analyze
 from memplan.errors import MemplanError
+from memplan.export import export_onnx
 from memplan.measure import measure
 from memplan.plot import plot_timeline
 from memplan.report import fmt_bytes, write_json, write_text_atomic

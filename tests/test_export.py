@@ -10,9 +10,10 @@ import torch.nn.functional as F
 import yaml
 from sklearn.datasets import load_digits
 
-from distill.export import export_onnx, load_run
+from distill.run import load_run
 from memplan import analyze
 from memplan.cli import main
+from memplan.export import export_onnx
 from memplan.onnx_frontend import analyze_onnx
 from memplan.zoo import create_model, default_input, list_models
 from passes.aggressive_pool import aggressive_pool
@@ -176,7 +177,7 @@ class _ShapeBranch(torch.nn.Module):
 
 
 def test_fold_batchnorm_without_fx():
-    from distill.export import fold_batchnorm
+    from memplan.export import fold_batchnorm
 
     model = _ShapeBranch()
     for bn in (model.bn, model.bn1):  # non-trivial statistics, so a wrong fold would show

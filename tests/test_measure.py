@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from distill.export import export_onnx
 from memplan import analyze
 from memplan.cli import main
+from memplan.export import export_onnx
 from memplan.measure import measure_onnxruntime, measure_torch_cpu, measure_torch_cuda
 
 MIB = 2**20

@@ -7,9 +7,9 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from distill.export import export_onnx
 from memplan.cli import main
 from memplan.errors import MemplanError
+from memplan.export import export_onnx
 from memplan.onnx_frontend import analyze_onnx, graph_from_onnx, load_onnx, set_input_dims
 from memplan.onnx_ort import analyze_ort_optimized
 

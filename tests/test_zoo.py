@@ -75,8 +75,11 @@ def test_unknown_model_is_one_line_value_error():
 
 
 def test_register_model_rejects_duplicates():
-    with pytest.raises(zoo.ZooError, match="already registered"):
-        zoo.register_model(zoo.resnet18)
+    from memplan.registry import DuplicateNameError
+    from memplan.zoo.resnet import resnet18
+
+    with pytest.raises(DuplicateNameError, match="model 'resnet18' is already registered"):
+        zoo.register_model(resnet18)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -42,7 +42,8 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Execute ``memplan export``."""
-    from distill.export import export_onnx, load_run
+    from distill.run import load_run
+    from memplan.export import export_onnx
 
     if Path(args.model).is_dir():
         model, shape = load_run(args.model)

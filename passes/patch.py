@@ -32,9 +32,9 @@ Example:
     >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
     ...                           torch.nn.Conv2d(8, 8, 3, stride=2, padding=1), torch.nn.ReLU(),
     ...                           torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 4))
-    >>> r = patch_model(net, torch.empty(1, 3, 64, 64), grid=4)
+    >>> r = patch_model(net, torch.empty(1, 3, 32, 32), grid=2)
     >>> r.plan.split_node, r.plan.grid, r.peak_bytes, r.patched_peak_bytes, r.max_abs_diff < 1e-5
-    ('_3', (4, 4), 180224, 73600, True)
+    ('_3', (2, 2), 45056, 32320, True)
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from memplan.analyze import MemoryReport, analyze, report_from_graph
+from memplan.analyze import MemoryReport, report_from_graph
 from memplan.capture import META_KEY, CapturedGraph, capture, target_name
 from memplan.errors import MemplanError
 from memplan.graph import build_graph
@@ -62,11 +62,11 @@ from memplan.graph import op_kind as memplan_op_kind
 from memplan.liveness import Lifetime, live_bytes
 
 __all__ = [
-    "HANDLERS", "Handler", "PatchError", "PatchPlan", "PatchResult", "Window", "apply_plan", "count_macs",
-    "local_ops", "patch_model", "receptive_field",
+    "HANDLERS", "TARGETS", "Handler", "PatchError", "PatchPlan", "PatchResult", "Window", "apply_plan", "count_macs",
+    "local_ops", "measure_patched", "patch_model", "receptive_field",
 ]
 
-ASSEMBLIES = ("copy", "concat")
+TARGETS = ("torch", "onnx")
 Range = tuple[int, int]  # [lo, hi) along one spatial axis
 _CALLS = ("call_module", "call_function", "call_method")
 
@@ -99,7 +99,7 @@ def receptive_field(windows: Sequence[Window]) -> tuple[int, int]:
     """Receptive field and total stride of a chain of windows (first applied first).
 
     >>> receptive_field([Window(3, 1), Window(3, 2), Window(3, 1, dilation=2)])
-    (11, 2)
+    (13, 2)
     """
     lo, hi = 0, 1
     for w in reversed(windows):
@@ -505,11 +505,11 @@ class _Builder:
     """Emits the patched graph for one candidate and grid."""
 
     def __init__(self, cg: CapturedGraph, ops: dict[str, LocalOp], cand: Candidate,
-                 grid: tuple[int, int], stream_input: bool, assembly: str = "copy") -> None:
-        if assembly not in ASSEMBLIES:
-            raise PatchError(f"unknown assembly '{assembly}' (use {' or '.join(ASSEMBLIES)})")
+                 grid: tuple[int, int], stream_input: bool, target: str = "torch") -> None:
+        if target not in TARGETS:
+            raise PatchError(f"unknown target '{target}' (use {' or '.join(TARGETS)})")
         self.cg, self.ops, self.cand, self.grid, self.stream = cg, ops, cand, grid, stream_input
-        self.assembly = assembly
+        self.target = target
         self.g = fx.Graph()
         self.env: dict[str, fx.Node] = {}
         self.attrs: dict[str, fx.Node] = {}
@@ -529,7 +529,7 @@ class _Builder:
             band = []
             for c, cols in enumerate(_tiles(W, self.grid[1])):
                 tile = self._patch(nodes, rows, cols, f"p{r}_{c}")
-                if self.assembly == "concat":
+                if self.target == "onnx":
                     band.append(tile)
                     continue
                 if out is None:
@@ -557,6 +557,7 @@ class _Builder:
         need_h, reads_h = _axis_regions(gm, self.cand, self.ops, 0, rows)
         need_w, reads_w = _axis_regions(gm, self.cand, self.ops, 1, cols)
         penv: dict[str, fx.Node] = {}
+        have: dict[str, tuple[Range, Range]] = {}  # rows, columns each patch tensor holds (>= its need)
         cache: dict[tuple[str, Range, Range], fx.Node] = {}
         x = next(n for n in nodes if n.op == "placeholder")
         if x.name in need_h:
@@ -568,9 +569,10 @@ class _Builder:
             if self.stream:
                 src = g.create_node("call_method", "clone", (src,), name=f"input_crop_{tag}")
             penv[x.name] = src
+            have[x.name] = region
 
         def crop(a: fx.Node, want_h: Range, want_w: Range) -> fx.Node:
-            have_h, have_w = need_h[a.name], need_w[a.name]
+            have_h, have_w = have[a.name]
             key = (a.name, want_h, want_w)
             if (want_h, want_w) == (have_h, have_w):
                 return penv[a.name]
@@ -585,7 +587,7 @@ class _Builder:
             n = self.nodes[name]
             op = self.ops[name]
             if op.kind == "pointwise":
-                penv[name] = self._pointwise(n, need_h[name], need_w[name], penv, crop, tag)
+                penv[name], have[name] = self._pointwise(n, (need_h[name], need_w[name]), penv, have, crop, tag)
                 continue
             a = n.all_input_nodes[0] if n.op == "call_module" else _normalized(gm, n)["input"]
             rh, rw = reads_h[(name, a.name)], reads_w[(name, a.name)]
@@ -595,18 +597,24 @@ class _Builder:
             kwargs = {k: self._value(v) for k, v in op.kwargs.items()}
             sym = tuple(max(p) for p in pads)
             skip = tuple((sym[i] - pads[i][0]) // op.windows[i].stride for i in range(2))
-            if any(sym) and all((sym[i] - pads[i][0]) % op.windows[i].stride == 0 for i in range(2)):
-                # the op's own (symmetric) padding, and the outputs that read the surplus zeros dropped
+            if self.target == "torch" and any(sym) and \
+                    all((sym[i] - pads[i][0]) % op.windows[i].stride == 0 for i in range(2)):
+                # the op's own (symmetric) padding: the few surplus outputs that read zeros past the
+                # patch's interior side are computed but never read (consumers crop to their need)
                 kwargs["padding"] = sym
-                y = g.create_node("call_function", op.call, (src,), kwargs, name=f"{name}_{tag}")
-                size = (need_h[name][1] - need_h[name][0], need_w[name][1] - need_w[name][0])
-                keep = ((skip[0], skip[0] + size[0]), (skip[1], skip[1] + size[1]))
-                penv[name] = g.call_function(operator.getitem, (y, _slices(*keep)))
+                penv[name] = g.create_node("call_function", op.call, (src,), kwargs, name=f"{name}_{tag}")
+                lengths = (_clip(rh, ah)[1] - _clip(rh, ah)[0], _clip(rw, aw)[1] - _clip(rw, aw)[0])
+                w = op.windows
+                count = [(lengths[i] + 2 * sym[i] - w[i].dilation * (w[i].kernel - 1) - 1) // w[i].stride + 1
+                         for i in range(2)]
+                start = (need_h[name][0] - skip[0], need_w[name][0] - skip[1])
+                have[name] = ((start[0], start[0] + count[0]), (start[1], start[1] + count[1]))
                 continue
             if any(sym):
                 src = g.call_function(F.pad, (src, (*pads[1], *pads[0])), {"value": op.pad_value})
             penv[name] = g.create_node("call_function", op.call, (src,), kwargs, name=f"{name}_{tag}")
-        return penv[self.cand.node]
+            have[name] = (need_h[name], need_w[name])
+        return crop(self.nodes[self.cand.node], need_h[self.cand.node], need_w[self.cand.node])
 
     def _value(self, v: Any) -> Any:
         """An op argument in the new graph: original nodes map to their copies, parameters to get_attr."""
@@ -616,23 +624,29 @@ class _Builder:
             return self.attrs[v.path]
         return self.env[v.name] if isinstance(v, fx.Node) else v
 
-    def _pointwise(self, n: fx.Node, rh: Range, rw: Range, penv: dict[str, fx.Node],
-                   crop: Callable[[fx.Node, Range, Range], fx.Node], tag: str) -> fx.Node:
+    def _pointwise(self, n: fx.Node, need: tuple[Range, Range], penv: dict[str, fx.Node],
+                   have: dict[str, tuple[Range, Range]], crop: Callable[[fx.Node, Range, Range], fx.Node],
+                   tag: str) -> tuple[fx.Node, tuple[Range, Range]]:
+        """Re-emit a pointwise op for one patch. With one patch input (and no full-size constant map)
+        it runs over all the input holds, so an activation stays in place over its producer."""
         full = tuple(_shape(n)[2:])
         g = self.g
+        spatial = [a for a in n.all_input_nodes if a.name in penv]
+        constant_maps = [a for a in n.all_input_nodes if a.name not in penv and _is_tensor(a)
+                         and tuple(_shape(a)[-2:]) == full and full != (1, 1)]
+        region = have[spatial[0].name] if len(spatial) == 1 and not constant_maps else need
 
         def arg(a: fx.Node) -> fx.Node:
             if a.name in penv:
-                return crop(a, rh, rw)
+                return crop(a, *region)
             v = self.env[a.name]
-            s = _shape(a) if _is_tensor(a) else ()
-            if len(s) >= 2 and tuple(s[-2:]) == full and full != (1, 1):  # a full-size constant map
-                return g.call_function(operator.getitem, (v, (Ellipsis, slice(*rh), slice(*rw))))
+            if a in constant_maps:
+                return g.call_function(operator.getitem, (v, (Ellipsis, slice(*region[0]), slice(*region[1]))))
             return v
 
         new = g.node_copy(n, arg)
         new.name = g._graph_namespace.create_name(f"{n.name}_{tag}", None)
-        return new
+        return new, region
 
 
 def _slices(rows: Range, cols: Range) -> tuple[slice, ...]:
@@ -715,14 +729,21 @@ def _as_input(x: torch.Tensor | Sequence[int]) -> torch.Tensor:
     return torch.empty(tuple(x), device="meta")
 
 
-def _patched_peak(module: nn.Module, x: torch.Tensor, stream: bool, form: str) -> tuple[int, MemoryReport]:
-    rep = analyze(module, x, form=form)
-    if not stream:
-        return rep.peak_bytes, rep
-    g = rep.graph
-    inputs = {s for s, st in g.storages.items() if st.is_input}
+def measure_patched(module: nn.Module, x: torch.Tensor, *, stream_input: bool = False,
+                    form: str = "deploy") -> tuple[int, MemoryReport, int]:
+    """Peak (docs/definitions.md §1), report and conv/linear MACs of a patched module, from one capture.
+
+    With ``stream_input`` the input image is left out of every step's live bytes: each patch's input
+    crop is an explicit copy (see the module docstring), which is what a streamed camera delivers.
+    """
+    cg = _capture(module, x)
+    rep = report_from_graph(build_graph(cg, form=form), model=cg.model_name)
+    macs = count_macs(cg)
+    if not stream_input:
+        return rep.peak_bytes, rep, macs
+    inputs = {s for s, st in rep.graph.storages.items() if st.is_input}
     lts: list[Lifetime] = [lt for lt in rep.lifetimes if lt.storage not in inputs]
-    return max(live_bytes(lts, len(rep.order))), rep
+    return max(live_bytes(lts, len(rep.order))), rep, macs
 
 
 def _check(model: nn.Module, patched: nn.Module, shape: tuple[int, ...], seed: int = 0) -> tuple[float, float]:
@@ -764,7 +785,7 @@ def patch_model(
     verify: int = 3,
     check: bool = True,
     form: str = "deploy",
-    assembly: str = "copy",
+    target: str = "torch",
 ) -> PatchResult:
     """Patch ``model``'s early part (module docstring) at the split and grid with the lowest peak.
 
@@ -773,9 +794,12 @@ def patch_model(
     whose MAC overhead is at most ``max_mac_overhead`` (None = any). ``split_node`` fixes the split.
     The estimate ranks every split and grid; the best ``verify`` are built and analysed exactly.
     ``check`` runs both models on a seeded random input and reports ``max_abs_diff``.
-    ``assembly``: ``"copy"`` writes each tile into one pre-allocated map (peak: one patch plus the
-    map); ``"concat"`` joins the tiles with ``torch.cat`` (no in-place op; the final concat holds the
-    map twice), the form to export to ONNX, whose functional slice-scatter would copy the map per tile.
+    ``target`` picks the graph form. ``"torch"``: each tile is copied into one pre-allocated map (peak:
+    one patch plus the map) and a border patch's windowed op runs with its own symmetric padding, the
+    surplus outputs dropped by a view. ``"onnx"``: no in-place op and no cropping views, which an ONNX
+    runtime would copy (the exporter turns the in-place copies into slice-scatters that copy the whole
+    map per tile; onnxruntime keeps cropped conv outputs): tiles are joined by ``torch.cat`` (the last
+    concat holds the map twice) and border padding is an explicit pad.
     The model is deep-copied; the patched module does not share its parameters.
     """
     x = _as_input(example_input)
@@ -798,23 +822,30 @@ def patch_model(
     if not estimates:
         raise PatchError(f"no grid fits the split maps of {cg.model_name}")
     ranked = _rank(estimates, budget, max_mac_overhead, total_macs, grid is not None)
-    best: tuple[int, float, fx.GraphModule, _Estimate, MemoryReport] | None = None
-    for e in ranked[:max(1, verify)]:
-        module = _Builder(cg, ops, e.cand, e.grid, stream_input, assembly).build()
-        peak, rep = _patched_peak(module, x, stream_input, form)
-        macs = count_macs(_capture(module, x))
+    if budget is not None and not ranked:
+        lowest = min(estimates, key=lambda e: e.peak)
+        raise PatchError(f"no split and grid of {cg.model_name} fits {budget:,} bytes: the best reachable peak is "
+                         f"about {lowest.peak:,} bytes (split '{lowest.cand.node}', grid "
+                         f"{lowest.grid[0]}x{lowest.grid[1]})")
+    limit = None if grid is not None or budget is not None or max_mac_overhead is None else 1 + max_mac_overhead
+    best: tuple[tuple, int, int, fx.GraphModule, _Estimate, MemoryReport] | None = None
+    accepted = 0
+    for e in ranked[:3 * max(1, verify)]:
+        module = _Builder(cg, ops, e.cand, e.grid, stream_input, target).build()
+        peak, rep, macs = measure_patched(module, x, stream_input=stream_input, form=form)
         over = macs / total_macs if total_macs else 1.0
-        if budget is not None:
-            key = (0 if peak <= budget else 1, over if peak <= budget else peak)
-        else:
-            key = (peak, over)
+        if limit is not None and over > limit:
+            continue  # the estimate leaves out the few outputs a border patch's own padding adds
+        fits = budget is None or peak <= budget
+        key = (0 if fits else 1, over if budget is not None and fits else peak, over)
         if best is None or key < best[0]:
-            best = (key, macs, module, e, rep)  # type: ignore[assignment]
-        if budget is not None and peak <= budget:
+            best = (key, peak, macs, module, e, rep)
+        accepted += 1
+        if (budget is not None and fits) or accepted >= verify:
             break
-    assert best is not None
-    key, macs, module, chosen, rep = best
-    peak = rep.peak_bytes if not stream_input else _patched_peak(module, x, True, form)[0]
+    if best is None:
+        raise PatchError(f"no split and grid of {cg.model_name} stays within {max_mac_overhead:.0%} extra MACs")
+    _, peak, macs, module, chosen, rep = best
     if budget is not None and peak > budget:
         lowest = min(estimates, key=lambda e: e.peak)
         raise PatchError(f"no split and grid of {cg.model_name} fits {budget:,} bytes: the best reachable peak is "
@@ -833,7 +864,7 @@ def _result(model: nn.Module, module: fx.GraphModule, plan: PatchPlan, peak: int
 
 
 def apply_plan(model: nn.Module, plan: PatchPlan, *, check: bool = True, form: str = "deploy",
-               assembly: str = "copy") -> PatchResult:
+               target: str = "torch") -> PatchResult:
     """Re-apply a saved :class:`PatchPlan` to the same model (same split node name and grid).
 
     >>> import torch
@@ -843,7 +874,7 @@ def apply_plan(model: nn.Module, plan: PatchPlan, *, check: bool = True, form: s
     """
     r = patch_model(model, plan.input_shape, grid=plan.grid, split_node=plan.split_node,
                     stream_input=plan.stream_input, max_mac_overhead=None, verify=1, check=check, form=form,
-                    assembly=assembly)
+                    target=target)
     return r
 
 
@@ -870,9 +901,8 @@ def _rank(estimates: list[_Estimate], budget: int | None, max_over: float | None
     def over(e: _Estimate) -> float:
         return e.macs / total if total else 1.0
 
-    if budget is not None:
-        fits = sorted((e for e in estimates if e.peak <= budget), key=lambda e: (over(e), e.peak))
-        return fits + sorted((e for e in estimates if e.peak > budget), key=lambda e: e.peak)
+    if budget is not None:  # an empty list: no estimate fits (the caller reports the best reachable)
+        return sorted((e for e in estimates if e.peak <= budget), key=lambda e: (over(e), e.peak))
     allowed = [e for e in estimates if fixed_grid or max_over is None or over(e) <= 1 + max_over]
     if not allowed:
         raise PatchError(f"every split and grid recomputes more than {max_over:.0%} extra MACs; "

@@ -6,9 +6,9 @@ DarkNet-53-style net with a stride-1 stem defined in this file (3x3/1 stem conv,
 linear); and ``resnet18_k4_red``, the ResNet18 k=4 student (``passes.aggressive_pool``) with RED
 blocks at input+output (``passes.attach_red``).
 
-Per model three settings: input resident and at most 20% extra MACs (the default), input streamed
-per patch (``--stream-input``) with the same bound, and streamed with any overhead (the lowest peak
-the grid search reaches). Each row: split node, grid, peaks, reduction, MAC overhead (patched /
+Per model three settings, all with at most 20% extra MACs: input resident, input streamed per patch
+(``--stream-input``), both searching recomputed halos (MCUNetV2) and cached row bands
+(``halo="auto"``), and streamed with recomputed halos only. Each row: split node, grid, peaks, reduction, MAC overhead (patched /
 unpatched), max |Δ| of the outputs on a seeded random input (and relative to the output scale).
 For the first setting the patched model is exported to ONNX (BN folded, ``target="onnx"`` form) and
 its peak is reported as memplan's ONNX frontend sees the file and as onnxruntime's measured RSS
@@ -46,7 +46,8 @@ RESULTS = Path(__file__).parent / "results" / "patch_memory.json"
 SHAPE = (1, 3, 224, 224)
 TEACHER_R18 = 4_014_080  # docs/definitions.md §3
 MAX_OVERHEAD = 0.2
-SETTINGS = (("resident", False, MAX_OVERHEAD), ("stream", True, MAX_OVERHEAD), ("stream, any MACs", True, None))
+# (label, stream_input, halo): halo "auto" searches recomputed halos (MCUNetV2) and cached row bands
+SETTINGS = (("resident", False, "auto"), ("stream", True, "auto"), ("stream, recompute", True, "recompute"))
 TARGETS = {"mobilenet_v2": 5.0, "resnet18": 4.0, "darknet53": 4.0, "resnet18_k4_red": 12.0}
 
 
@@ -109,12 +110,11 @@ def build(name: str) -> nn.Module:
 MODELS = ("resnet18", "resnet50", "mobilenet_v2", "vgg11_bn", "densenet121", "darknet53", "resnet18_k4_red")
 
 
-def run_setting(name: str, model: nn.Module, setting: str, stream: bool, max_over: float | None,
-                onnx: bool) -> dict:
+def run_setting(name: str, model: nn.Module, setting: str, stream: bool, halo: str, onnx: bool) -> dict:
     row: dict = {"model": name, "setting": setting, "input": list(SHAPE)}
     t = time.perf_counter()
     try:
-        r = patch_model(model, SHAPE, stream_input=stream, max_mac_overhead=max_over, verify=2)
+        r = patch_model(model, SHAPE, stream_input=stream, max_mac_overhead=MAX_OVERHEAD, halo=halo, verify=2)
     except PatchError as e:
         return {**row, "error": str(e)}
     row.update(r.to_json())
@@ -146,7 +146,7 @@ def kib(n: int | None) -> str:
 
 
 def print_table(rows: list[dict]) -> None:
-    head = (f"{'model':<16} {'setting':<17} {'split':<22} {'grid':>6} {'peak KiB':>9} {'patched':>8} {'ratio':>6} "
+    head = (f"{'model':<16} {'setting':<17} {'split':<22} {'grid':>6} {'halo':<9} {'peak KiB':>9} {'patched':>8} {'ratio':>6} "
             f"{'MACs':>6} {'rel |d|':>8} {'ONNX':>7} {'ORT pat':>8} {'ORT unp':>8}  target")
     print("Patch-based execution, 1x3x224x224 fp32 deploy form (ratio: vs unpatched; the RED student: vs the "
           "ResNet18 teacher)")
@@ -158,7 +158,8 @@ def print_table(rows: list[dict]) -> None:
             continue
         grid = "x".join(map(str, r["patches"]))
         target = f">= {r['target']:g}x {'met' if r['target_met'] else 'NOT met'}" if "target" in r else ""
-        print(f"{r['model']:<16} {r['setting']:<17} {r['split_node'][:22]:<22} {grid:>6} {kib(r['peak_bytes']):>9} "
+        print(f"{r['model']:<16} {r['setting']:<17} {r['split_node'][:22]:<22} {grid:>6} {r['halo']:<9} "
+              f"{kib(r['peak_bytes']):>9} "
               f"{kib(r['patched_peak_bytes']):>8} {r['reduction_vs_reference']:>5.2f}x {r['mac_overhead']:>6.3f} "
               f"{r['rel_diff']:>8.1e} {kib(r.get('onnx_peak_bytes')):>7} {kib(r.get('ort_measured_patched_bytes')):>8} "
               f"{kib(r.get('ort_measured_unpatched_bytes')):>8}  {target}")
@@ -177,8 +178,8 @@ def main() -> None:
         if not todo:
             continue
         model = build(name)
-        for setting, stream, max_over in todo:
-            row = run_setting(name, model, setting, stream, max_over, onnx=setting == "resident" and not args.no_onnx)
+        for setting, stream, halo in todo:
+            row = run_setting(name, model, setting, stream, halo, onnx=setting == "resident" and not args.no_onnx)
             doc["rows"].append(row)
             write_json(doc, str(RESULTS))
             print_table([row])

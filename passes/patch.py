@@ -62,11 +62,12 @@ from memplan.graph import op_kind as memplan_op_kind
 from memplan.liveness import Lifetime, live_bytes
 
 __all__ = [
-    "HANDLERS", "TARGETS", "Handler", "PatchError", "PatchPlan", "PatchResult", "Window", "apply_plan", "count_macs",
+    "HALOS", "HANDLERS", "TARGETS", "Handler", "PatchError", "PatchPlan", "PatchResult", "Window", "apply_plan", "count_macs",
     "local_ops", "measure_patched", "patch_model", "receptive_field",
 ]
 
 TARGETS = ("torch", "onnx")
+HALOS = ("auto", "recompute", "cache")
 Range = tuple[int, int]  # [lo, hi) along one spatial axis
 _CALLS = ("call_module", "call_function", "call_method")
 
@@ -383,10 +384,15 @@ def _clip(r: Range, size: int) -> Range:
 
 
 def _axis_regions(
-    gm: fx.GraphModule, cand: Candidate, ops: dict[str, LocalOp], axis: int, tile: Range
+    gm: fx.GraphModule, cand: Candidate, ops: dict[str, LocalOp], axis: int, tile: Range,
+    done: dict[str, int] | None = None,
 ) -> tuple[dict[str, Range], dict[tuple[str, str], Range]]:
     """Per-axis region of every prefix node (and the input) one tile needs; and what each op reads
-    of each input, unclipped (the part outside the map is the op's padding)."""
+    of each input, unclipped (the part outside the map is the op's padding).
+
+    ``done`` (halo caching, row bands top to bottom): the rows each node computed in earlier bands;
+    a node then computes only ``[max(need start, done), need end)`` and reads inputs for those rows.
+    """
     nodes = {n.name: n for n in gm.graph.nodes}
     need: dict[str, Range] = {cand.node: tile}
     reads: dict[tuple[str, str], Range] = {}
@@ -396,13 +402,38 @@ def _axis_regions(
             continue  # dead in the prefix
         n = nodes[name]
         op = ops[name]
+        comp = _computed(need[name], done, name)
+        if comp[0] >= comp[1]:
+            continue
         for a in n.all_input_nodes:
             if _param_side_node(a) or not (a.name in inside or a.op == "placeholder"):
                 continue
-            r = op.windows[axis].input_range(need[name]) if op.kind != "pointwise" else need[name]
+            r = op.windows[axis].input_range(comp) if op.kind != "pointwise" else comp
             reads[(name, a.name)] = r
             need[a.name] = _hull(need.get(a.name), _clip(r, _shape(a)[2 + axis]))
     return need, reads
+
+
+def _computed(need: Range, done: dict[str, int] | None, name: str) -> Range:
+    return need if done is None else (max(need[0], done.get(name, need[0])), need[1])
+
+
+def _band_regions(
+    gm: fx.GraphModule, cand: Candidate, ops: dict[str, LocalOp], parts: int
+) -> list[tuple[dict[str, Range], dict[tuple[str, str], Range], dict[str, int]]]:
+    """Row regions of every band when each row is computed once (halo rows cached between bands):
+    per band the rows each node must hold, what each op reads, and the rows computed before it."""
+    done: dict[str, int] = {}
+    start: dict[str, int] = {}
+    out = []
+    for tile in _tiles(cand.shape[2], parts):
+        need, reads = _axis_regions(gm, cand, ops, 0, tile, done)
+        if any(lo < start.get(name, lo) for name, (lo, _) in need.items()):
+            raise PatchError("a band needs rows above the previous band's: the halo cannot be cached")
+        out.append((need, reads, dict(done)))
+        for name, (lo, hi) in need.items():
+            done[name], start[name] = max(done.get(name, 0), hi), lo
+    return out
 
 
 # ------------------------------------------------------------------------------------------ results
@@ -414,18 +445,22 @@ class PatchPlan:
     grid: tuple[int, int]  # tiles along height, width
     input_shape: tuple[int, ...]
     stream_input: bool = False
+    halo: str = "recompute"  # or "cache": row bands that keep the rows the next band shares
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict."""
         return {"split_node": self.split_node, "grid": list(self.grid), "input_shape": list(self.input_shape),
-                "stream_input": self.stream_input}
+                "stream_input": self.stream_input, "halo": self.halo}
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> PatchPlan:
         """Inverse of :meth:`to_json`; a one-line :class:`PatchError` for a malformed document."""
         try:
+            halo = str(doc.get("halo", "recompute"))
+            if halo not in HALOS[1:]:
+                raise ValueError(f"halo must be recompute or cache, not {halo!r}")
             return cls(str(doc["split_node"]), tuple(int(g) for g in doc["grid"]),  # type: ignore[arg-type]
-                       tuple(int(s) for s in doc["input_shape"]), bool(doc.get("stream_input", False)))
+                       tuple(int(s) for s in doc["input_shape"]), bool(doc.get("stream_input", False)), halo)
         except (KeyError, TypeError, ValueError) as e:
             raise PatchError(f"bad patch plan: {e!r}") from e
 
@@ -471,7 +506,8 @@ class PatchResult:
                 "split_shape": list(self.split_shape), "mac_overhead": round(self.mac_overhead, 6),
                 "macs": self.macs, "patched_macs": self.patched_macs, "max_abs_diff": self.max_abs_diff,
                 "output_scale": self.output_scale, "reduction": round(self.reduction, 4),
-                "stream_input": self.plan.stream_input, "input_shape": list(self.plan.input_shape),
+                "stream_input": self.plan.stream_input, "halo": self.plan.halo,
+                "input_shape": list(self.plan.input_shape),
                 "bounded_by": self.stop}
 
 
@@ -505,9 +541,13 @@ class _Builder:
     """Emits the patched graph for one candidate and grid."""
 
     def __init__(self, cg: CapturedGraph, ops: dict[str, LocalOp], cand: Candidate,
-                 grid: tuple[int, int], stream_input: bool, target: str = "torch") -> None:
+                 grid: tuple[int, int], stream_input: bool, target: str = "torch", cache: bool = False) -> None:
         if target not in TARGETS:
             raise PatchError(f"unknown target '{target}' (use {' or '.join(TARGETS)})")
+        if cache and grid[1] != 1:
+            raise PatchError(f"halo caching runs full-width row bands: grid {grid[0]}x{grid[1]} needs 1 column")
+        self.cache = cache
+        self.tails: dict[str, fx.Node] = {}
         self.cg, self.ops, self.cand, self.grid, self.stream = cg, ops, cand, grid, stream_input
         self.target = target
         self.g = fx.Graph()
@@ -525,10 +565,16 @@ class _Builder:
         H, W = cand.shape[2:]
         out = None
         bands = []
+        cached = _band_regions(gm, cand, self.ops, self.grid[0]) if self.cache else []
+        if self.cache:
+            self.cols = _axis_regions(gm, cand, self.ops, 1, (0, W))
         for r, rows in enumerate(_tiles(H, self.grid[0])):
             band = []
             for c, cols in enumerate(_tiles(W, self.grid[1])):
-                tile = self._patch(nodes, rows, cols, f"p{r}_{c}")
+                if self.cache:
+                    tile = self._band(nodes, cached[r], cached[r + 1] if r + 1 < len(cached) else None, f"b{r}")
+                else:
+                    tile = self._patch(nodes, rows, cols, f"p{r}_{c}")
                 if self.target == "onnx":
                     band.append(tile)
                     continue
@@ -616,6 +662,69 @@ class _Builder:
             have[name] = (need_h[name], need_w[name])
         return crop(self.nodes[self.cand.node], need_h[self.cand.node], need_w[self.cand.node])
 
+    def _band(self, nodes: list[fx.Node], band: tuple, nxt: tuple | None, tag: str) -> fx.Node:
+        """One row band with halo caching: each node computes only rows no earlier band computed,
+        joins them to the rows the previous band left it (a clone of just those rows) and leaves
+        the next band the rows it will need again."""
+        gm, g = self.cg.gm, self.g
+        need, reads, done = band
+        next_need = nxt[0] if nxt is not None else {}
+        need_w, reads_w = self.cols
+        avail: dict[str, fx.Node] = {}
+
+        def rows(t: fx.Node, r: Range) -> fx.Node:
+            return g.call_function(operator.getitem, (t, (slice(None), slice(None), slice(*r))))
+
+        def finish(name: str, new: fx.Node | None) -> None:
+            lo, hi = need[name]
+            parts = ([self.tails.pop(name)] if name in self.tails else []) + ([new] if new is not None else [])
+            t = parts[0] if len(parts) == 1 else g.call_function(torch.cat, (parts, 2))
+            avail[name] = t
+            if name in next_need and next_need[name][0] < hi:
+                self.tails[name] = g.call_method("clone", (rows(t, (next_need[name][0] - lo, hi - lo)),))
+
+        def crop(a: fx.Node, want: Range) -> fx.Node:
+            have = need[a.name]
+            return avail[a.name] if want == have else rows(avail[a.name], (want[0] - have[0], want[1] - have[0]))
+
+        x = next(n for n in nodes if n.op == "placeholder")
+        if x.name in need:
+            cols = slice(*need_w[x.name]) if need_w[x.name] != (0, _shape(x)[3]) else slice(None)
+            comp = _computed(need[x.name], done, x.name) if self.stream else need[x.name]
+            src = self.env[x.name]
+            if comp != (0, _shape(x)[2]) or cols != slice(None):
+                src = g.create_node("call_function", operator.getitem,
+                                    (src, (slice(None), slice(None), slice(*comp), cols)), name=f"input_{tag}")
+            if self.stream:
+                finish(x.name, g.create_node("call_method", "clone", (src,), name=f"input_rows_{tag}"))
+            else:
+                avail[x.name] = src
+        for name in self.cand.prefix:
+            if name not in need:
+                continue
+            n, op = self.nodes[name], self.ops[name]
+            comp = _computed(need[name], done, name)
+            if comp[0] >= comp[1]:
+                finish(name, None)
+                continue
+            if op.kind == "pointwise":
+                new = g.node_copy(n, lambda a, comp=comp: crop(a, comp) if a.name in avail else self.env[a.name])
+                new.name = g._graph_namespace.create_name(f"{name}_{tag}", None)
+                finish(name, new)
+                continue
+            a = n.all_input_nodes[0] if n.op == "call_module" else _normalized(gm, n)["input"]
+            rh, rw = reads[(name, a.name)], reads_w[(name, a.name)]
+            ah, aw = _shape(a)[2:]
+            src = crop(a, _clip(rh, ah))
+            pad_h, pad_w = (max(0, -rh[0]), max(0, rh[1] - ah)), (max(0, -rw[0]), max(0, rw[1] - aw))
+            kwargs = {k: self._value(v) for k, v in op.kwargs.items()}
+            if pad_h == (0, 0) and pad_w[0] == pad_w[1]:
+                kwargs["padding"] = (0, pad_w[0])
+            elif any(pad_h + pad_w):
+                src = g.call_function(F.pad, (src, (*pad_w, *pad_h)), {"value": op.pad_value})
+            finish(name, g.create_node("call_function", op.call, (src,), kwargs, name=f"{name}_{tag}"))
+        return avail[self.cand.node]
+
     def _value(self, v: Any) -> Any:
         """An op argument in the new graph: original nodes map to their copies, parameters to get_attr."""
         if isinstance(v, _Attr):
@@ -660,6 +769,7 @@ class _Estimate:
     grid: tuple[int, int]
     peak: int
     macs: int
+    cache: bool = False
 
 
 class _Estimator:
@@ -687,12 +797,23 @@ class _Estimator:
                                for t in _tiles(cand.shape[2 + axis], parts)]
         return self._axis[key]
 
-    def estimate(self, cand: Candidate, grid: tuple[int, int]) -> _Estimate:
+    def estimate(self, cand: Candidate, grid: tuple[int, int], cache: bool = False) -> _Estimate:
         g, last = self.report.graph, self.step[cand.node]
-        regions = [self._lengths(cand, 0, grid[0]), self._lengths(cand, 1, grid[1])]
+        tails = np.zeros(grid)
+        if cache:  # row bands: the rows each band holds, plus the rows it keeps for the next band
+            bands = _band_regions(self.cg.gm, cand, self.ops, grid[0])
+            regions = [[b[0] for b in bands], self._lengths(cand, 1, 1)]
+            for i, (need, _, _) in enumerate(bands[:-1]):
+                for name, (lo, _) in bands[i + 1][0].items():
+                    if name in need and lo < need[name][1]:
+                        shape = _shape(self.nodes[name])
+                        tails[i] += (need[name][1] - lo) * _meta_outputs(self.nodes[name])[0].nbytes / shape[2]
+        else:
+            regions = [self._lengths(cand, 0, grid[0]), self._lengths(cand, 1, grid[1])]
 
         def frac(axis: int, name: str, size: int) -> np.ndarray:
-            return np.array([(r[name][1] - r[name][0]) for r in regions[axis]], dtype=np.float64) / size
+            return np.array([(r[name][1] - r[name][0]) if name in r else 0 for r in regions[axis]],
+                            dtype=np.float64) / size
 
         scale: dict[int, np.ndarray] = {}
         for s, st in g.storages.items():
@@ -707,19 +828,19 @@ class _Estimator:
             if lt.storage in scale and lt.start <= last:
                 diff[lt.start] = diff[lt.start] + scale[lt.storage]
                 diff[min(lt.end, last) + 1] = diff[min(lt.end, last) + 1] - scale[lt.storage]
-        acc, peak = np.zeros(grid), 0.0
+        acc, peak = tails, 0.0
         for t in range(last + 1):
             acc = acc + diff[t]
             peak = max(peak, float(acc.max()))
         peak += (0 if self.stream else self.input_bytes) + split_bytes
         suffix = max(self.live[last + 1:] or [0])
         macs = self.total_macs
-        for name in cand.prefix:
+        for name in cand.prefix if not cache else ():
             if name in self.conv_macs and name in regions[0][0]:
                 size = _shape(self.nodes[name])[2:]
                 area = frac(0, name, size[0]).sum() * frac(1, name, size[1]).sum()
                 macs += int(round(self.conv_macs[name] * (area - 1)))
-        return _Estimate(cand, grid, int(max(peak, suffix)), macs)
+        return _Estimate(cand, grid, int(max(peak, suffix)), macs, cache)
 
 
 # ------------------------------------------------------------------------------------------ the pass
@@ -781,15 +902,18 @@ def patch_model(
     split_node: str | None = None,
     stream_input: bool = False,
     max_mac_overhead: float | None = 0.2,
-    max_grid: int = 16,
+    max_grid: int = 8,
+    max_bands: int = 32,
     verify: int = 3,
     check: bool = True,
     form: str = "deploy",
     target: str = "torch",
+    halo: str = "auto",
 ) -> PatchResult:
     """Patch ``model``'s early part (module docstring) at the split and grid with the lowest peak.
 
-    ``grid`` fixes the grid (``n`` = n×n); ``budget`` picks the least MAC overhead whose peak fits
+    ``grid`` fixes the grid (``n`` = n×n; else up to ``max_grid`` per side, and up to ``max_bands``
+    cached row bands); ``budget`` picks the least MAC overhead whose peak fits
     (:class:`PatchError` naming the best reachable peak when none does); otherwise the lowest peak
     whose MAC overhead is at most ``max_mac_overhead`` (None = any). ``split_node`` fixes the split.
     The estimate ranks every split and grid; the best ``verify`` are built and analysed exactly.
@@ -800,8 +924,13 @@ def patch_model(
     runtime would copy (the exporter turns the in-place copies into slice-scatters that copy the whole
     map per tile; onnxruntime keeps cropped conv outputs): tiles are joined by ``torch.cat`` (the last
     concat holds the map twice) and border padding is an explicit pad.
+    ``halo``: ``"recompute"`` (MCUNetV2: every patch recomputes its halo; any grid), ``"cache"``
+    (full-width row bands top to bottom; the halo rows a band shares with the next are kept, so every
+    row is computed once and the MACs do not grow) or ``"auto"`` (both are searched).
     The model is deep-copied; the patched module does not share its parameters.
     """
+    if halo not in HALOS:
+        raise PatchError(f"unknown halo mode '{halo}' (use {', '.join(HALOS)})")
     x = _as_input(example_input)
     model = copy.deepcopy(model)
     cg = _capture(model, x)
@@ -818,7 +947,15 @@ def patch_model(
     est = _Estimator(cg, ops, base, stream_input)
     total_macs = est.total_macs
     grids = _grids(grid, max_grid)
-    estimates = [est.estimate(c, gr) for c in cands for gr in grids if gr[0] <= c.shape[2] and gr[1] <= c.shape[3]]
+    modes = {"recompute": (False,), "cache": (True,), "auto": (False, True)}[halo]
+    if halo == "cache" and grid is not None and grids[0][1] != 1:
+        raise PatchError(f"halo caching runs full-width row bands: grid {grids[0][0]}x{grids[0][1]} needs 1 column")
+    estimates = []
+    for c in cands:
+        for cache in modes:  # cached row bands: any number of bands up to one row of the split map each
+            options = grids if grid is not None or not cache else [(r, 1) for r in range(2, max_bands + 1)]
+            estimates += [est.estimate(c, gr, cache) for gr in options
+                          if gr[0] <= c.shape[2] and gr[1] <= c.shape[3] and (gr[1] == 1 or not cache)]
     if not estimates:
         raise PatchError(f"no grid fits the split maps of {cg.model_name}")
     ranked = _rank(estimates, budget, max_mac_overhead, total_macs, grid is not None)
@@ -831,7 +968,7 @@ def patch_model(
     best: tuple[tuple, int, int, fx.GraphModule, _Estimate, MemoryReport] | None = None
     accepted = 0
     for e in ranked[:3 * max(1, verify)]:
-        module = _Builder(cg, ops, e.cand, e.grid, stream_input, target).build()
+        module = _Builder(cg, ops, e.cand, e.grid, stream_input, target, e.cache).build()
         peak, rep, macs = measure_patched(module, x, stream_input=stream_input, form=form)
         over = macs / total_macs if total_macs else 1.0
         if limit is not None and over > limit:
@@ -851,7 +988,8 @@ def patch_model(
         raise PatchError(f"no split and grid of {cg.model_name} fits {budget:,} bytes: the best reachable peak is "
                          f"about {min(peak, lowest.peak):,} bytes (split '{lowest.cand.node}', grid "
                          f"{lowest.grid[0]}x{lowest.grid[1]})")
-    plan = PatchPlan(chosen.cand.node, chosen.grid, tuple(x.shape), stream_input)
+    plan = PatchPlan(chosen.cand.node, chosen.grid, tuple(x.shape), stream_input,
+                     "cache" if chosen.cache else "recompute")
     return _result(model, module, plan, base.peak_bytes, peak, total_macs, macs, chosen.cand, stop, rep, check)
 
 
@@ -874,7 +1012,7 @@ def apply_plan(model: nn.Module, plan: PatchPlan, *, check: bool = True, form: s
     """
     r = patch_model(model, plan.input_shape, grid=plan.grid, split_node=plan.split_node,
                     stream_input=plan.stream_input, max_mac_overhead=None, verify=1, check=check, form=form,
-                    target=target)
+                    target=target, halo=plan.halo)
     return r
 
 

@@ -141,6 +141,29 @@ def test_mixed_net_outputs_equal(grid, stream):
     assert r.mac_overhead >= 1.0
 
 
+@pytest.mark.parametrize("bands", [2, 3, 6])
+@pytest.mark.parametrize("stream", [False, True])
+def test_cached_row_bands_exact_and_no_extra_macs(bands, stream):
+    """Halo caching: every row computed once (the MACs do not grow), outputs equal, at every split."""
+    net = _seeded(Mixed())
+    cg = capture(net, torch.empty(1, 3, 37, 41))
+    _, cands, _ = local_ops(cg)
+    for cand in cands[::2]:
+        if bands > cand.shape[2]:
+            continue
+        r = patch_model(net, (1, 3, 37, 41), grid=(bands, 1), split_node=cand.node, halo="cache",
+                        stream_input=stream, verify=1)
+        _assert_equal(r)
+        assert r.plan.halo == "cache"
+        assert r.patched_macs <= r.macs  # fewer only where a floor-mode pool drops the last rows
+
+
+def test_cached_functional_net_exact():
+    _assert_equal(patch_model(_seeded(Functional()), (1, 3, 30, 27), grid=(4, 1), halo="cache"))
+    with pytest.raises(PatchError, match="needs 1 column"):
+        patch_model(Functional(), (1, 3, 30, 27), grid=(2, 2), halo="cache")
+
+
 def test_every_split_point_is_exact():
     net = _seeded(Mixed())
     cg = capture(net, torch.empty(1, 3, 21, 19))
@@ -221,12 +244,26 @@ def test_patched_peak_of_a_chain_by_hand():
     """
     net = Chain().eval()
     assert analyze(net, (1, 1, 6, 6)).peak_bytes == 144 + 288
-    r = patch_model(net, (1, 1, 6, 6), grid=(2, 1), split_node="relu")
+    r = patch_model(net, (1, 1, 6, 6), grid=(2, 1), split_node="relu", halo="recompute")
     assert (r.peak_bytes, r.patched_peak_bytes) == (432, 624)
-    s = patch_model(net, (1, 1, 6, 6), grid=(2, 1), split_node="relu", stream_input=True)
+    s = patch_model(net, (1, 1, 6, 6), grid=(2, 1), split_node="relu", stream_input=True, halo="recompute")
     assert s.patched_peak_bytes == 576
     _assert_equal(r)
     _assert_equal(s)
+
+
+def test_cached_patched_peak_of_a_chain_by_hand():
+    """The chain above in two cached bands: band 1 computes only rows 3..5 of the conv, from input
+    rows 2..5; borders are an explicit pad (4+1 rows x 8 cols, 160 B) and the conv runs unpadded
+    (3x6x2, 144 B). Band 1's pad step: input 144 + map 288 + pad 160 = 592, its conv step: map + pad
+    + conv = 592. Streamed, band 0 keeps input rows 2..3 (48 B) for band 1, which joins them to its
+    new rows 4..5 (48 B): cat 96 + pad 160 + map 288 = 544, then map + pad + conv = 592."""
+    net = Chain().eval()
+    for stream in (False, True):
+        r = patch_model(net, (1, 1, 6, 6), grid=(2, 1), split_node="relu", halo="cache", stream_input=stream)
+        assert r.patched_peak_bytes == 592
+        assert r.patched_macs == r.macs == 36 * 2 * 9
+        _assert_equal(r)
 
 
 @pytest.mark.slow

@@ -89,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
     plan = PatchPlan.load(args.plan) if args.plan else None
     shape = parse_shape(args.input) if args.input else plan.input_shape if plan else default_input(args.model)
     if plan is not None:
-        plan = PatchPlan(plan.split_node, plan.grid, tuple(shape), plan.stream_input or args.stream_input)
+        plan = PatchPlan(plan.split_node, plan.grid, tuple(shape), plan.stream_input or args.stream_input,
+                         plan.halo)
         result = apply_plan(model, plan)
     else:
         result = patch_model(

@@ -336,17 +336,28 @@ def _cli(capsys, *argv):
     return code, out, err
 
 
+_TINY = ("import torch.nn as nn\n\ndef build():\n    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), "
+         "nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())\n")
+
+
 def test_cli_json_keys(capsys, tmp_path):
-    code, out, err = _cli(capsys, "zoo:resnet_tiny", "--patches", "2", "--json", "-", "--out", str(tmp_path))
+    (tmp_path / "tiny.py").write_text(_TINY)
+    spec = f"{tmp_path / 'tiny.py'}:build"
+    code, out, err = _cli(capsys, spec, "--input", "1,3,16,16", "--patches", "2", "--json", "-", "--out",
+                          str(tmp_path / "run"))
     assert code == 0, err
     doc = json.loads(out)
     for key in ("peak_bytes", "patched_peak_bytes", "split_node", "patches", "mac_overhead", "max_abs_diff"):
         assert key in doc
     assert doc["patches"] == [2, 2] and doc["max_abs_diff"] <= 1e-5 * doc["output_scale"]
-    assert json.loads((tmp_path / "plan.json").read_text())["grid"] == [2, 2]
-    assert sorted(torch.load(tmp_path / "patched.pt", weights_only=True))
-    code, out, err = _cli(capsys, "zoo:resnet_tiny", "--plan", str(tmp_path / "plan.json"), "--json", "-")
+    assert doc["peak_bytes"] == (3 + 8) * 16 * 16 * 4
+    assert json.loads((tmp_path / "run" / "plan.json").read_text())["grid"] == [2, 2]
+    state = torch.load(tmp_path / "run" / "patched.pt", weights_only=True)
+    assert sorted(state) == ["0.bias", "0.weight", "2.bias", "2.weight"]  # the original model's keys
+    code, out, err = _cli(capsys, spec, "--plan", str(tmp_path / "run" / "plan.json"), "--json", "-")
     assert code == 0 and json.loads(out)["patched_peak_bytes"] == doc["patched_peak_bytes"]
+    code, out, err = _cli(capsys, spec, "--input", "1,3,16,16", "--halo", "cache", "--stream-input")
+    assert code == 0 and "halo cached between row bands" in out and "1.000x" in out
 
 
 @pytest.mark.parametrize(("argv", "message"), [
@@ -356,8 +367,9 @@ def test_cli_json_keys(capsys, tmp_path):
     (["--measure"], "--measure needs --onnx"),
     (["--plan", "/nonexistent/plan.json"], "cannot read patch plan"),
 ])
-def test_cli_errors_one_line(capsys, argv, message):
-    code, out, err = _cli(capsys, "zoo:resnet_tiny", *argv)
+def test_cli_errors_one_line(capsys, tmp_path, argv, message):
+    (tmp_path / "tiny.py").write_text(_TINY)
+    code, out, err = _cli(capsys, f"{tmp_path / 'tiny.py'}:build", "--input", "1,3,16,16", *argv)
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and lines[0].startswith("memplan patch: error:")

@@ -35,7 +35,7 @@ try:  # memplan.loader is being renamed memplan.specs
     from memplan.loader import default_input, load_model, parse_shape
 except ImportError:
     from memplan.specs import default_input, load_model, parse_shape  # type: ignore[import-not-found,no-redef]
-from passes.patch import PatchError, PatchPlan, PatchResult, apply_plan, patch_model
+from passes.patch import HALOS, PatchError, PatchPlan, PatchResult, apply_plan, patch_model
 
 JSON_KEYS = ("peak_bytes", "patched_peak_bytes", "split_node", "patches", "mac_overhead", "max_abs_diff")
 
@@ -70,6 +70,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", metavar="NODE", help="fix the split node (a node name of the traced graph)")
     p.add_argument("--stream-input", action="store_true",
                    help="count the input image per patch (streamed rows) instead of resident")
+    p.add_argument("--halo", choices=HALOS, default="auto",
+                   help="recompute each patch's halo (MCUNetV2), cache it between full-width row bands "
+                        "(every row computed once), or search both (default)")
     p.add_argument("--max-overhead", type=float, default=0.2, metavar="FRACTION",
                    help="without --patches/--budget: most extra MACs allowed (default 0.2 = 20%%)")
     p.add_argument("--out", metavar="DIR", help="write DIR/plan.json and DIR/patched.pt (state_dict)")
@@ -96,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
         result = patch_model(
             model, shape, grid=parse_grid(args.patches) if args.patches else None,
             budget=parse_bytes(args.budget) if args.budget else None, split_node=args.split,
-            stream_input=args.stream_input, max_mac_overhead=args.max_overhead)
+            stream_input=args.stream_input, max_mac_overhead=args.max_overhead, halo=args.halo)
     doc: dict[str, Any] = {"model": args.model, **result.to_json()}
     written = write_outputs(result, args.out) if args.out else []
     if args.onnx:
@@ -184,8 +187,10 @@ def format_summary(doc: dict[str, Any], written: list[str]) -> str:
         f"unpatched peak   {fmt_bytes(peak):>12} ({peak:,} bytes)",
         f"patched peak     {fmt_bytes(patched):>12} ({patched:,} bytes)  {peak / patched:.2f}x lower",
         f"split            after '{doc['split_node']}' ({'x'.join(map(str, doc['split_shape'][1:]))}), "
-        f"grid {grid}; patching stops where {doc['bounded_by']}",
-        f"MAC overhead     {doc['mac_overhead']:.1%}  ({doc['patched_macs']:,} vs {doc['macs']:,} MACs)",
+        f"grid {grid}, halo {'cached between row bands' if doc['halo'] == 'cache' else 'recomputed per patch'}; "
+        f"patching stops where {doc['bounded_by']}",
+        f"MACs             {doc['mac_overhead']:.3f}x the unpatched model's ({doc['patched_macs']:,} vs "
+        f"{doc['macs']:,})",
     ]
     if doc.get("max_abs_diff") is not None:
         lines.append(f"outputs          max |diff| {doc['max_abs_diff']:.3g} (output scale {doc['output_scale']:.3g})")

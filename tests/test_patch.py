@@ -266,6 +266,24 @@ def test_cached_patched_peak_of_a_chain_by_hand():
         _assert_equal(r)
 
 
+def test_each_patch_dies_before_the_next_runs():
+    """In memplan's liveness of the patched graph every tensor a patch allocates is dead by the copy
+    that ends it; only the assembled map (and the input) outlive patches."""
+    net = _seeded(Mixed())
+    r = patch_model(net, (1, 3, 37, 41), grid=3, halo="recompute")
+    rep = r.report
+    ends = [t.step for t in rep.timeline if t.op == "copy_"]
+    assert len(ends) == 9
+    full = max(rep.lifetimes, key=lambda lt: lt.size if rep.graph.storages[lt.storage].shape[1:] ==
+               tuple(r.split_shape[1:]) else -1)
+    for lt in rep.lifetimes:
+        st = rep.graph.storages[lt.storage]
+        if st.is_input or lt is full or lt.start > ends[-1]:
+            continue
+        patch = next(i for i, e in enumerate(ends) if lt.start <= e)
+        assert lt.end <= ends[patch], (st.producer, lt, patch)
+
+
 @pytest.mark.slow
 def test_patching_lowers_a_stride_one_stem_peak():
     net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, stride=2, padding=1),

@@ -32,9 +32,12 @@ Example:
     >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
     ...                           torch.nn.Conv2d(8, 8, 3, stride=2, padding=1), torch.nn.ReLU(),
     ...                           torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 4))
-    >>> r = patch_model(net, torch.empty(1, 3, 32, 32), grid=2)
+    >>> r = patch_model(net, torch.empty(1, 3, 16, 16), grid=2, verify=1)
     >>> r.plan.split_node, r.plan.grid, r.peak_bytes, r.patched_peak_bytes, r.max_abs_diff < 1e-5
-    ('_3', (2, 2), 45056, 32320, True)
+    ('_3', (2, 2), 11264, 8512, True)
+    >>> c = patch_model(net, torch.empty(1, 3, 16, 16), grid=(4, 1), halo="cache", verify=1)
+    >>> c.plan.halo, c.patched_peak_bytes, r.mac_overhead > 1.0, c.mac_overhead
+    ('cache', 10912, True, 1.0)
 """
 
 from __future__ import annotations

@@ -155,7 +155,8 @@ def test_cached_row_bands_exact_and_no_extra_macs(bands, stream):
                         stream_input=stream, verify=1)
         _assert_equal(r)
         assert r.plan.halo == "cache"
-        assert r.patched_macs <= r.macs  # fewer only where a floor-mode pool drops the last rows
+        # every row once, but for the top band's few surplus rows (fewer where a floor pool drops rows)
+        assert r.mac_overhead <= 1.05
 
 
 def test_cached_functional_net_exact():
@@ -253,16 +254,18 @@ def test_patched_peak_of_a_chain_by_hand():
 
 
 def test_cached_patched_peak_of_a_chain_by_hand():
-    """The chain above in two cached bands: band 1 computes only rows 3..5 of the conv, from input
-    rows 2..5; borders are an explicit pad (4+1 rows x 8 cols, 160 B) and the conv runs unpadded
-    (3x6x2, 144 B). Band 1's pad step: input 144 + map 288 + pad 160 = 592, its conv step: map + pad
-    + conv = 592. Streamed, band 0 keeps input rows 2..3 (48 B) for band 1, which joins them to its
-    new rows 4..5 (48 B): cat 96 + pad 160 + map 288 = 544, then map + pad + conv = 592."""
+    """The chain above in two cached bands. Band 0 runs the conv with its own padding on input rows
+    0..3 (a view): 4 rows x 6 x 2 ch = 192 B, its bottom row surplus (48 B, less than a padded copy
+    of the input, 160 B), ReLU in place; with the 288 B map: 144 + 192 + 288 = 624. Band 1 computes
+    only rows 3..5 from input rows 2..5, bottom border by an explicit pad (5x8, 160 B): input + map
+    + pad = 592. Streamed, band 0 clones its 4 input rows (96 B) and keeps rows 2..3 (48 B) for band
+    1: 48 + 192 + 288 = 528; band 1 joins them to its new rows 4..5: cat 96 + pad 160 + map 288 =
+    544, then pad + conv 144 + map = 592. MACs: 4 + 3 rows instead of 6."""
     net = Chain().eval()
-    for stream in (False, True):
+    for stream, peak in ((False, 624), (True, 592)):
         r = patch_model(net, (1, 1, 6, 6), grid=(2, 1), split_node="relu", halo="cache", stream_input=stream)
-        assert r.patched_peak_bytes == 592
-        assert r.patched_macs == r.macs == 36 * 2 * 9
+        assert r.patched_peak_bytes == peak
+        assert (r.macs, r.patched_macs) == (6 * 6 * 2 * 9, 7 * 6 * 2 * 9)
         _assert_equal(r)
 
 
@@ -375,7 +378,7 @@ def test_cli_json_keys(capsys, tmp_path):
     code, out, err = _cli(capsys, spec, "--plan", str(tmp_path / "run" / "plan.json"), "--json", "-")
     assert code == 0 and json.loads(out)["patched_peak_bytes"] == doc["patched_peak_bytes"]
     code, out, err = _cli(capsys, spec, "--input", "1,3,16,16", "--halo", "cache", "--stream-input")
-    assert code == 0 and "halo cached between row bands" in out and "1.000x" in out
+    assert code == 0 and "halo cached between row bands" in out
 
 
 @pytest.mark.parametrize(("argv", "message"), [

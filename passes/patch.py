@@ -43,6 +43,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 import operator
@@ -723,9 +724,14 @@ class _Builder:
             pad_h, pad_w = (max(0, -rh[0]), max(0, rh[1] - ah)), (max(0, -rw[0]), max(0, rw[1] - aw))
             kwargs = {k: self._value(v) for k, v in op.kwargs.items()}
             surplus = 0
-            if pad_h == (0, 0) and pad_w[0] == pad_w[1]:
+            # full-width columns: the op's own left padding on both sides when the right one only
+            # adds windows the floor division drops (a strided conv whose last window ends early)
+            wc = op.windows[1]
+            cols_ok = pad_w[0] >= pad_w[1] and (aw + 2 * pad_w[0] - wc.dilation * (wc.kernel - 1) - 1) // wc.stride \
+                + 1 == need_w[name][1] - need_w[name][0]
+            if pad_h == (0, 0) and cols_ok:
                 kwargs["padding"] = (0, pad_w[0])
-            elif self.target == "torch" and pad_h[1] == 0 and pad_w[0] == pad_w[1] and \
+            elif self.target == "torch" and pad_h[1] == 0 and cols_ok and \
                     self._surplus(n, a, op, rh, comp, pad_h[0]) * _row_bytes(n) < \
                     (_clip(rh, ah)[1] - _clip(rh, ah)[0] + pad_h[0]) * _row_bytes(a) * (aw + 2 * pad_w[0]) / aw:
                 # the top band: the op's own padding instead of a padded copy of its input, when the
@@ -1006,6 +1012,9 @@ def patch_model(
     if not estimates:
         raise PatchError(f"no grid fits the split maps of {cg.model_name}")
     ranked = _rank(estimates, budget, max_mac_overhead, total_macs, grid is not None)
+    if len(modes) > 1:  # verify the best of each halo mode: their estimates err differently
+        by_mode = [[e for e in ranked if e.cache == m] for m in modes]
+        ranked = [e for pair in itertools.zip_longest(*by_mode) for e in pair if e is not None]
     if budget is not None and not ranked:
         lowest = min(estimates, key=lambda e: e.peak)
         raise PatchError(f"no split and grid of {cg.model_name} fits {budget:,} bytes: the best reachable peak is "

@@ -37,7 +37,7 @@ Example:
     ('_3', (2, 2), 11264, 8512, True)
     >>> c = patch_model(net, torch.empty(1, 3, 16, 16), grid=(4, 1), halo="cache", verify=1)
     >>> c.plan.halo, c.patched_peak_bytes, round(r.mac_overhead, 3), round(c.mac_overhead, 3)
-    ('cache', 10912, 1.246, 1.037)
+    ('cache', 10240, 1.246, 1.037)
 """
 
 from __future__ import annotations

@@ -348,6 +348,10 @@ def test_onnx_export_parity_and_peak(tmp_path):
     assert plain.peak_bytes == r.peak_bytes  # same deploy form in both frontends
     assert patched_file.peak_bytes < plain.peak_bytes / 2
     assert patched_file.peak_bytes <= patched.patched_peak_bytes  # the exporter drops the folded BNs' identities
+    cached = patch_model(net, shape, grid=(4, 1), halo="cache")
+    _, exported = export_patched(net, cached.plan, tmp_path / "c.onnx")
+    assert exported.max_abs_diff <= 1e-5
+    assert analyze_onnx(tmp_path / "c.onnx").peak_bytes < plain.peak_bytes
 
 
 # ------------------------------------------------------------------------------------------ CLI

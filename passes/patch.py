@@ -23,6 +23,11 @@ and the input image while any patch still reads it. With ``stream_input`` each p
 input crop first and the input itself is not counted (a camera delivering rows,
 docs/definitions.md §1's lifetime rule applied to the crops only).
 
+Halos are recomputed by every patch (MCUNetV2; any grid, more MACs) or, with ``halo="cache"``,
+cached: full-width row bands run top to bottom, every node computes only the rows no earlier band
+computed and keeps a clone of the rows the next band shares with it (a line buffer), so every row is
+computed once; the first band still spans the receptive field of its first output row.
+
 The split point and grid are chosen by a fast estimate (the unpatched graph's liveness with every
 tensor scaled to its per-patch region) and confirmed on the best few by analysing the real patched
 graph; the result reports the compute overhead of the halos (conv/linear MACs, patched/unpatched).

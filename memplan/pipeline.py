@@ -83,6 +83,8 @@ class PipelineConfig:
     runs (``lr=0.05``, ``train_subset=200``...), except :data:`PIPELINE_KEYS`. ``latency_runs`` and
     ``ort_threads``: onnxruntime runs behind the median latency, and its intra-op threads. ``int8``:
     also quantize both ONNX models (static QDQ, calibrated on validation images) and report them.
+    ``patch``: also run the trained student's early stage patch by patch (:func:`passes.patch.patch_model`,
+    RED blocks included; ``stream_input``: the input arrives per patch) and report its peak.
     """
 
     model: str
@@ -100,6 +102,8 @@ class PipelineConfig:
     ort_threads: int = 1
     trust_code: bool = False
     int8: bool = False
+    patch: bool = False
+    stream_input: bool = False
 
 
 @dataclass(frozen=True)
@@ -190,6 +194,7 @@ class PipelineResult:
     measured_peak_ratio: float  # teacher / student, onnxruntime with its arena
     report_md: str
     report_json: str
+    student_patch: dict[str, Any] | None = None  # passes.patch.PatchResult.to_json() of the trained student
 
     def to_json(self) -> dict[str, Any]:
         """The ``report.json`` document."""
@@ -274,6 +279,14 @@ def _int8(name: str, onnx_path: Path, shape: tuple[int, ...], bundle: DataBundle
     return Int8Summary(str(path), _ort_accuracy(path, test, bundle.test.labels), q.top1_agreement, q.max_abs_diff,
                        theory["deploy"], theory["onnxruntime's optimized graph"],
                        int(measured["onnxruntime, arena"].peak_bytes), float(measured["onnxruntime, arena"].latency_ms))
+
+
+def _patch(student: nn.Module, shape: tuple[int, ...], config: PipelineConfig) -> dict[str, Any]:
+    """The trained student (RED blocks included) with its early stage run patch by patch."""
+    from passes.patch import patch_model
+
+    log.info("student: patch-based execution of the early stage")
+    return patch_model(student.eval(), shape, stream_input=config.stream_input).to_json()
 
 
 def _summarize(
@@ -367,6 +380,7 @@ def _run_locked(config: PipelineConfig, needs_red: bool, base: TrainConfig, bund
         measured_peak_ratio=t.measured_peak_bytes / s.measured_peak_bytes,
         report_md=str(out / "report.md"),
         report_json=str(out / "report.json"),
+        student_patch=_patch(student, shape, config) if config.patch or config.stream_input else None,
     )
     write_json(result.to_json(), result.report_json)
     write_text_atomic(result.report_md, format_report(result))
@@ -465,6 +479,15 @@ def format_table(result: PipelineResult) -> str:
     return "\n".join(lines)
 
 
+def _patch_line(result: PipelineResult) -> str:
+    q = result.student_patch
+    return (f"**Patched student** (early stage patch by patch, split at `{q['split_node']}`, grid "
+            f"{'×'.join(map(str, q['patches']))}, {q['halo']} halos, MACs ×{q['mac_overhead']:.3f}, input "
+            f"{'streamed per patch' if q['stream_input'] else 'resident'}): peak {_bytes(q['patched_peak_bytes'])}, "
+            f"{result.teacher.peak_bytes / q['patched_peak_bytes']:.2f}× below the teacher (deploy form; outputs "
+            f"equal to max |Δ| {q['max_abs_diff']:.2g}).")
+
+
 def format_report(result: PipelineResult) -> str:
     """``report.md``: what ran, the teacher vs student table, notes and the timeline plots."""
     t, s = result.teacher, result.student
@@ -487,6 +510,7 @@ def format_report(result: PipelineResult) -> str:
         "",
         format_table(result),
         "",
+        *([_patch_line(result), ""] if result.student_patch else []),
         "Peaks count the input and exclude parameters (docs/definitions.md §1); the student's include its RED blocks. "
         f"Teacher peaks at `{t.peak_node}`, the student at `{s.peak_node}`. The measured peak is the peak RSS "
         "growth of one onnxruntime run (default settings, memory arena on) in a child process (`memplan "

@@ -67,3 +67,11 @@ def test_parse_bytes() -> None:
     for bad in ("", "KiB", "-5", "1.5XiB", "0"):
         with pytest.raises(MemplanError):
             parse_bytes(bad)
+
+
+def test_student_patch_reports_the_patched_peak_of_the_student_with_red(capsys) -> None:
+    doc = _json(capsys, "zoo:resnet_tiny", "--factor", "2", "--patch", "--stream-input")
+    patch = doc["patch"]
+    assert doc["patched_peak_bytes"] == patch["patched_peak_bytes"] < doc["student_with_red_peak_bytes"]
+    assert patch["stream_input"] is True and patch["peak_bytes"] == doc["student_with_red_peak_bytes"]
+    assert patch["max_abs_diff"] <= 1e-5 * max(1.0, patch["output_scale"])

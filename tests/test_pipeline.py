@@ -8,6 +8,7 @@ import pytest
 
 from memplan.cli import main
 from memplan.onnx_frontend import analyze_onnx
+from memplan.report import fmt_bytes
 
 TINY = ["--epochs", "1", "--latency-runs", "2", "train_subset=200", "batch_size=50", "device=cpu"]
 BYTE_ROWS = {  # report.md row label -> report.json key of each model
@@ -24,7 +25,7 @@ pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.slow]  # eac
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("pipeline") / "run"
-    assert main(["pipeline", "zoo:resnet_tiny", "--data", "digits", "--factor", "2", "--int8", "--out", str(out),
+    assert main(["pipeline", "zoo:resnet_tiny", "--data", "digits", "--factor", "2", "--int8", "--patch", "--out", str(out),
                  *TINY]) == 0
     return out
 
@@ -47,6 +48,13 @@ def test_files(run):
         assert analyze_onnx(run / f"{who}.onnx").peak_bytes == m["onnx_peak_bytes"] == m["peak_bytes"]
         assert m["parity_max_abs_diff"] <= 1e-4 and m["accuracy"]["epochs"] == 1
     assert doc["student"]["peak_bytes"] < doc["teacher"]["peak_bytes"]
+
+
+def test_patched_student(run):
+    doc = json.loads((run / "report.json").read_text())
+    q = doc["student_patch"]
+    assert q["peak_bytes"] == doc["student"]["peak_bytes"] and q["patched_peak_bytes"] <= q["peak_bytes"]
+    assert f"peak {fmt_bytes(q['patched_peak_bytes'])} ({q['patched_peak_bytes']:,} B)" in (run / "report.md").read_text()
 
 
 def test_int8_rows(run):

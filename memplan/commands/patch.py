@@ -17,8 +17,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -27,14 +25,10 @@ import torch
 from torch import nn
 
 from memplan.cli import command
-from memplan.commands.student import parse_bytes
 from memplan.errors import MemplanError
-from memplan.report import fmt_bytes, write_json, write_text_atomic
-
-try:  # memplan.loader is being renamed memplan.specs
-    from memplan.loader import default_input, load_model, parse_shape
-except ImportError:
-    from memplan.specs import default_input, load_model, parse_shape  # type: ignore[import-not-found,no-redef]
+from memplan.io import save_torch, write_json, write_text_atomic
+from memplan.report import fmt_bytes, parse_bytes
+from memplan.specs import default_input, load_model, parse_shape
 from passes.patch import HALOS, PatchError, PatchPlan, PatchResult, apply_plan, patch_model
 
 JSON_KEYS = ("peak_bytes", "patched_peak_bytes", "split_node", "patches", "mac_overhead", "max_abs_diff")
@@ -112,28 +106,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _save_atomic(obj: object, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_outputs(result: PatchResult, out: str) -> list[str]:
     """Write ``plan.json`` and ``patched.pt`` under ``out`` atomically; returns the paths."""
     import json
 
     path = Path(out)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(path / "plan.json", json.dumps(result.plan.to_json(), indent=2) + "\n")
-        _save_atomic(result.module.state_dict(), path / "patched.pt")
-    except OSError as e:
-        raise MemplanError(f"cannot write to '{out}': {e}") from e
+    if path.exists() and not path.is_dir():
+        raise MemplanError(f"cannot write to '{out}': it exists and is not a directory")
+    write_text_atomic(path / "plan.json", json.dumps(result.plan.to_json(), indent=2) + "\n")
+    save_torch(result.module.state_dict(), path / "patched.pt")
     return [str(path / "plan.json"), str(path / "patched.pt")]
 
 

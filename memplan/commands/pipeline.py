@@ -46,6 +46,10 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (0 = its default)")
     p.add_argument("--int8", action="store_true", help="also quantize both models to int8 (static QDQ, calibrated "
                                                        "on validation images) and add int8 rows to the report")
+    p.add_argument("--patch", action="store_true", help="also report the trained student with its early stage run "
+                                                        "patch by patch (RED blocks included)")
+    p.add_argument("--stream-input", action="store_true", help="with --patch: count the input per patch (a camera "
+                                                               "delivering rows)")
     p.add_argument("--trust-code", action="store_true", help="let a --teacher run's config.yaml name code "
                                                              "(FILE.py:fn, pkg.mod:fn)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
@@ -77,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
         ort_threads=args.threads,
         trust_code=args.trust_code,
         int8=args.int8,
+        patch=args.patch,
+        stream_input=args.stream_input,
     )
     result = run_pipeline(config)
     print(format_table(result))

@@ -58,6 +58,10 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="RED blocks counted in the peak (--budget chooses it itself); encoder-decoders also take "
                         "ReDistill's 6-site / 2-site placements (input+output = 6-site)")
     p.add_argument("--no-red", action="store_true", help="with --budget: do not count RED blocks")
+    p.add_argument("--patch", action="store_true", help="also run the student's early stage (RED blocks included) "
+                                                        "patch by patch (passes.patch) and report that peak")
+    p.add_argument("--stream-input", action="store_true", help="with --patch: the input arrives per patch (a "
+                                                               "camera delivering rows), not resident")
     p.add_argument("--out", metavar="DIR", help="write a student run directory (config.yaml, recipe.json, run.json, "
                                                 "student.pt) that export and distill accept")
     p.add_argument("--json", metavar="PATH", help="write the summary as JSON ('-' = stdout)")
@@ -97,6 +101,12 @@ def run(args: argparse.Namespace) -> int:
         "stage_map": student.stage_map.to_json(),
         "weights": student.transfer.summary(),
     }
+    if args.patch or args.stream_input:
+        from passes.patch import patch_model
+
+        patched = patch_model(red, shape, stream_input=args.stream_input)
+        doc["patch"] = patched.to_json()
+        doc["patched_peak_bytes"] = patched.patched_peak_bytes
     written = _write(student, args.model, shape, args.out) if args.out else []
     if args.json != "-":
         print(_format(doc, student, written))
@@ -131,6 +141,11 @@ def _format(doc: dict[str, Any], student: Student, written: list[str]) -> str:
         f"[{doc['red_blocks']} blocks, {doc['red_placement']}]",
         f"recipe           factor {doc['factor']}, pool {doc['pool']}, absorb {doc['absorb']}",
     ]
+    if "patch" in doc:
+        q = doc["patch"]
+        lines.append(f"  + patched      {_peak(q['patched_peak_bytes'], teacher)}  [split {q['split_node']}, grid "
+                     f"{'x'.join(map(str, q['patches']))}, {q['halo']} halos, MACs x{q['mac_overhead']:.3f}, "
+                     f"input {'streamed' if q['stream_input'] else 'resident'}]")
     if doc["budget_bytes"] is not None:
         lines.append(f"budget           {fmt_bytes(doc['budget_bytes'])} ({doc['budget_bytes']:,} bytes): least "
                      "aggressive fitting student")

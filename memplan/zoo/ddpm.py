@@ -148,7 +148,11 @@ class UpSample(nn.Module):
 
 
 class DDPMUNet(nn.Module):
-    """The DDPM ε-prediction UNet (module docstring). ``attn_levels``: level indices with attention."""
+    """The DDPM ε-prediction UNet (module docstring). ``attn_levels``: level indices with attention.
+
+    The output has ``num_classes`` channels (the zoo's name for a dense head's width), default
+    ``in_chans``: the predicted noise.
+    """
 
     def __init__(
         self,
@@ -164,9 +168,6 @@ class DDPMUNet(nn.Module):
         num_classes: int | None = None,
     ) -> None:
         super().__init__()
-        if num_classes is not None and num_classes != in_chans:
-            raise ZooError(f"ddpm_unet predicts noise: its output has in_chans={in_chans} channels, "
-                           f"num_classes={num_classes} was given")
         if not channel_mults or num_res_blocks < 1:
             raise ZooError("ddpm_unet needs at least one level and num_res_blocks >= 1")
         levels = len(channel_mults)
@@ -175,7 +176,8 @@ class DDPMUNet(nn.Module):
         self.in_chans = in_chans
         self.config: dict[str, Any] = dict(  # what rebuilds this network with other strides
             in_chans=in_chans, base_channels=base_channels, channel_mults=tuple(channel_mults),
-            num_res_blocks=num_res_blocks, attn_levels=tuple(attn_levels), dropout=dropout, norm_groups=norm_groups)
+            num_res_blocks=num_res_blocks, attn_levels=tuple(attn_levels), dropout=dropout, norm_groups=norm_groups,
+            num_classes=num_classes)
         temb_ch = 4 * base_channels
         self.temb = TimeEmbedding(base_channels, temb_ch)
         self.conv_in = nn.Conv2d(in_chans, base_channels, 3, stride=self.strides[0], padding=1)
@@ -215,9 +217,9 @@ class DDPMUNet(nn.Module):
                 self.upsamples.append(UpSample(ch, self.strides[level]))
         self.norm_out = nn.GroupNorm(min(norm_groups, ch), ch)
         self.act_out = nn.SiLU()
-        k = self.strides[0]
-        self.conv_out = (nn.Conv2d(ch, in_chans, 3, padding=1) if k == 1
-                         else nn.ConvTranspose2d(ch, in_chans, kernel_size=k, stride=k))
+        k, out_chans = self.strides[0], num_classes or in_chans
+        self.conv_out = (nn.Conv2d(ch, out_chans, 3, padding=1) if k == 1
+                         else nn.ConvTranspose2d(ch, out_chans, kernel_size=k, stride=k))
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         temb = self.temb(t)

@@ -75,7 +75,8 @@ def main() -> None:
         print(json.dumps(measure_one(kind, arg, int(size), args.meta)))
         return
 
-    from memplan.report import fmt_bytes, write_json
+    from memplan.io import write_json
+    from memplan.report import fmt_bytes
     from memplan.zoo import list_models
 
     rows = []

@@ -17,7 +17,7 @@ placement (input+output, output) are chosen on the validation split (last-epoch 
 runs ``--seeds`` seeds per method (1 in the second). Reported: last-epoch test accuracy (mean ± std
 over seeds), the deployed student's peak activation memory (deploy form, batch 1, RED blocks
 included; :func:`memplan.analyze.analyze` of the student rebuilt from its run directory by
-:func:`distill.trainer.load_student`), its parameters, training seconds per epoch (teacher forward
+:meth:`distill.run.RunDir.load_model`), its parameters, training seconds per epoch (teacher forward
 included, evaluation excluded) and the share of the teacher-vanilla gap closed,
 ``(acc - none) / (teacher - none)``. The canvas regime is the one calibrated in
 :mod:`distill.canvas` (teacher ~85.7%, k=4 student ~78.9% at 8 epochs).
@@ -47,10 +47,13 @@ from typing import Any
 
 import torch
 
+from distill.config import TrainConfig
 from distill.data import load_data
-from distill.trainer import TrainConfig, load_student, train
+from distill.run import RunDir
+from distill.trainer import train
 from memplan.analyze import analyze
-from memplan.report import fmt_bytes, write_text_atomic
+from memplan.io import write_text_atomic
+from memplan.report import fmt_bytes
 from passes import PLACEMENTS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -236,7 +239,7 @@ def _train_and_record(
     started = time.perf_counter()
     config = TrainConfig(**{**asdict(config), "seed": seed, "out_dir": str(out), "resume": resume})
     result = train(config)
-    model = load_student(out)  # the deployed student as the run directory rebuilds it
+    model = RunDir(out).load_model()  # the deployed student as the run directory rebuilds it
     run = {
         "test_acc": result.last_test_acc,
         "val_acc": result.last_val_acc,

@@ -5,7 +5,7 @@ ResNet18, ResNet50 and MobileNetV2 (memplan zoo, torchvision architectures, rand
 (``memplan.export.export_onnx``, parity-checked) and measured by ``memplan.measure.measure_onnxruntime``
 in a fresh child process: peak RSS growth of one run plus the input, with onnxruntime's arena and
 memory patterns off ("no arena": every tensor its own allocation) and on (its default). The student
-is ``passes.aggressive_pool(factor=4)``, shown without and with RED blocks (``passes.attach_red``,
+is ``passes.aggressive_pool(factor=4)``, shown without and with RED blocks (``distill.red.attach_red``,
 input+output placement; docs/definitions.md §3: they stay in the deployed student). Target: measured peak cut
 >= 2x (the ReDistill paper's v2 measured 2-3.2x on an edge GPU).
 
@@ -25,6 +25,7 @@ from pathlib import Path
 import onnxruntime
 import torch
 
+from distill.red import attach_red
 from memplan.analyze import analyze
 from memplan.export import export_onnx
 from memplan.measure import measure_onnxruntime
@@ -32,7 +33,6 @@ from memplan.onnx_ort import analyze_ort_optimized
 from memplan.report import fmt_bytes
 from memplan.zoo import create_model
 from passes.aggressive_pool import aggressive_pool
-from passes.attach_red import attach_red
 
 RESULTS = Path(__file__).parent / "results" / "onnx_memory.json"
 MODELS = ("resnet18", "resnet50", "mobilenet_v2")

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from distill.red import REDBlock, attach_red
 from memplan.analyze import analyze
 from memplan.report import fmt_bytes
 from memplan.zoo import create_model, default_input, list_models
@@ -32,7 +33,6 @@ from passes import (
     BudgetError,
     PassError,
     analyze_downsampling,
-    attach_red,
     build_student,
     fit_budget,
     plan_student,
@@ -90,7 +90,7 @@ def measure(name: str) -> tuple[list[dict], dict | None]:
         demo = {"model": name, "budget": budget, "raised": f"k={raised['factor']} {raised['absorb']}",
                 "raised_peak": raised["red_output"]}
         try:
-            fit = fit_budget(model, x, budget)
+            fit = fit_budget(model, x, budget, REDBlock)
             demo.update(factor=fit.student.recipe.factor, absorb=fit.student.recipe.absorb,
                         placement=fit.placement, peak=fit.peak_bytes, tried=len(fit.candidates))
         except BudgetError as e:

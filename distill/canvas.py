@@ -35,7 +35,13 @@ import math
 import torch
 from torch import Tensor
 
+from memplan.errors import MemplanError
+
 __all__ = ["make_canvas_dataset"]
+
+
+class CanvasError(MemplanError, ValueError):
+    """Canvas options that cannot produce a dataset."""
 
 
 def _weights(out_size: int, src_size: int, scale: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
@@ -126,20 +132,20 @@ def make_canvas_dataset(
     if images.dim() == 4 and images.shape[1] == 1:
         images = images[:, 0]
     if images.dim() != 3 or images.dtype != torch.uint8:
-        raise ValueError(
+        raise CanvasError(
             f"images must be uint8 (N, H, W) or (N, 1, H, W), got {images.dtype} {tuple(images.shape)}"
         )
     n, h, w = images.shape
     if labels.shape != (n,):
-        raise ValueError(f"labels must have shape ({n},), got {tuple(labels.shape)}")
+        raise CanvasError(f"labels must have shape ({n},), got {tuple(labels.shape)}")
     if not 0 < scale[0] <= scale[1]:
-        raise ValueError(f"scale must be 0 < lo <= hi, got {scale}")
+        raise CanvasError(f"scale must be 0 < lo <= hi, got {scale}")
     if round(max(h, w) * scale[1]) > canvas:
-        raise ValueError(f"canvas {canvas} cannot hold a {h}x{w} item scaled by {scale[1]}")
+        raise CanvasError(f"canvas {canvas} cannot hold a {h}x{w} item scaled by {scale[1]}")
     if clutter < 0 or (clutter > 0 and n < 2):
-        raise ValueError(f"clutter needs a non-negative count and at least 2 items, got {clutter} with {n}")
+        raise CanvasError(f"clutter needs a non-negative count and at least 2 items, got {clutter} with {n}")
     if not 1 <= clutter_size[0] <= clutter_size[1]:
-        raise ValueError(f"clutter_size must be 1 <= lo <= hi, got {clutter_size}")
+        raise CanvasError(f"clutter_size must be 1 <= lo <= hi, got {clutter_size}")
 
     g = torch.Generator().manual_seed(seed)
     # The item: size, position.

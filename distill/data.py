@@ -36,6 +36,7 @@ import io
 import pickle
 import re
 import struct
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,11 +48,18 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from memplan.errors import MemplanError
+from memplan.registry import Registry, UnknownNameError
+
 __all__ = ["FORMATS", "DataBundle", "DataError", "ImageDataset", "Preprocess", "load_data", "register_format"]
 
 
-class DataError(ValueError):
-    """A dataset file is missing, unreadable or malformed (the message names the file)."""
+class DataError(MemplanError, ValueError):
+    """A bad data spec, or a dataset file that is missing, unreadable or malformed (the message names it)."""
+
+
+class _UnknownFormat(DataError, UnknownNameError):
+    """A data spec naming no registered format."""
 
 
 class ImageDataset(Dataset):
@@ -59,9 +67,9 @@ class ImageDataset(Dataset):
 
     def __init__(self, images: Tensor, labels: Tensor) -> None:
         if images.dtype != torch.uint8 or images.dim() != 4:
-            raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
+            raise DataError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
         if labels.shape != (images.shape[0],):
-            raise ValueError(f"labels must have shape ({images.shape[0]},), got {tuple(labels.shape)}")
+            raise DataError(f"labels must have shape ({images.shape[0]},), got {tuple(labels.shape)}")
         self.images = images
         self.labels = labels.to(torch.int64)
 
@@ -174,7 +182,7 @@ class DataFormat:
     options: Mapping[str, Any] = field(default_factory=dict)
 
 
-FORMATS: dict[str, DataFormat] = {}
+FORMATS: Registry[DataFormat] = Registry("data format", unknown_error=_UnknownFormat)
 
 
 def register_format(
@@ -194,11 +202,7 @@ def register_format(
     """
 
     def add(loader: Loader) -> Loader:
-        if name in FORMATS:
-            raise ValueError(f"data format {name!r} is already registered")
-        FORMATS[name] = DataFormat(
-            loader, mean, std, hflip, crop_padding, takes_dir, default_dir, dict(options or {})
-        )
+        FORMATS.add(name, DataFormat(loader, mean, std, hflip, crop_padding, takes_dir, default_dir, dict(options or {})))
         return loader
 
     return add
@@ -220,22 +224,20 @@ def load_data(
     [10, 10, 10, 10, 10, 10, 10, 10, 10, 10]
     """
     name = re.split("[:,]", spec, maxsplit=1)[0]
-    if name not in FORMATS:
-        raise ValueError(f"unknown data format {name!r}; registered: {', '.join(sorted(FORMATS))}")
     fmt = FORMATS[name]
     rest = spec[len(name) :]
     if not fmt.options and rest.startswith(","):
-        raise ValueError(f"data format {name!r} takes no options, got {rest[1:]!r}")
+        raise DataError(f"data format {name!r} takes no options, got {rest[1:]!r}")
     directory, *items = rest.split(",") if fmt.options else [rest]  # without options a DIR may hold commas
     directory = directory.removeprefix(":")
     options = _parse_options(name, fmt.options, items)
     if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}")
     if directory and not fmt.takes_dir:
-        raise ValueError(f"data format {name!r} takes no directory, got {spec!r}")
+        raise DataError(f"data format {name!r} takes no directory, got {spec!r}")
     directory = directory or fmt.default_dir or ""
     if fmt.takes_dir and not directory:
-        raise ValueError(f"data format {name!r} needs a directory: '{name}:DIR'")
+        raise DataError(f"data format {name!r} needs a directory: '{name}:DIR'")
     size = (image_size, image_size) if image_size else None
     raw = fmt.load(Path(directory), size, **options)
     num_classes = len(raw.class_names)
@@ -276,7 +278,7 @@ def _parse_options(name: str, defaults: Mapping[str, Any], items: list[str]) -> 
     for item in items:
         key, sep, text = item.partition("=")
         if not sep or key not in defaults:
-            raise ValueError(
+            raise DataError(
                 f"data option {item!r} of {name!r}: expected key=value with key in {', '.join(defaults)}"
             )
         default = defaults[key]
@@ -287,7 +289,7 @@ def _parse_options(name: str, defaults: Mapping[str, Any], items: list[str]) -> 
             else:
                 parsed[key] = type(default)(text)
         except ValueError:
-            raise ValueError(
+            raise DataError(
                 f"data option {item!r} of {name!r}: cannot parse {text!r} like {default!r}"
             ) from None
     return parsed
@@ -329,7 +331,7 @@ def _stratified_split(
 def _balanced_subset(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
     """Indices of ``n`` samples spread evenly over the classes (remainder to the lowest classes)."""
     if not 0 < n <= len(labels):
-        raise ValueError(f"train_subset must be in [1, {len(labels)}], got {n}")
+        raise DataError(f"train_subset must be in [1, {len(labels)}], got {n}")
     classes = np.unique(labels)
     base, extra = divmod(n, len(classes))
     chosen = []
@@ -337,7 +339,7 @@ def _balanced_subset(labels: np.ndarray, n: int, rng: np.random.Generator) -> np
         quota = base + (1 if i < extra else 0)
         idx = np.flatnonzero(labels == c)
         if len(idx) < quota:
-            raise ValueError(f"train_subset={n} needs {quota} images of class {c}, only {len(idx)} available")
+            raise DataError(f"train_subset={n} needs {quota} images of class {c}, only {len(idx)} available")
         chosen.append(rng.permutation(idx)[:quota])
     return np.sort(np.concatenate(chosen))
 
@@ -598,9 +600,17 @@ def _read_folder(
         files = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
         for path in files:
             try:
-                with Image.open(path) as im:
+                with warnings.catch_warnings():  # the size is checked below, before anything is decoded
+                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                    im = Image.open(path)
+                with im:
+                    width, height = im.size
+                    limit = Image.MAX_IMAGE_PIXELS
+                    if limit and width * height > limit:
+                        raise DataError(f"{path}: {width}x{height} pixels is over Pillow's decompression limit "
+                                        f"({limit:,} pixels); refusing to decode it")
                     rgb = im.convert("RGB")
-            except (UnidentifiedImageError, OSError) as exc:
+            except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
                 raise DataError(f"{path}: cannot decode image ({exc})") from None
             if resize:
                 rgb = rgb.resize((size[1], size[0]), Image.Resampling.BILINEAR)

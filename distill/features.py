@@ -25,7 +25,13 @@ from typing import Protocol
 import torch.fx as fx
 from torch import Tensor, nn
 
+from memplan.errors import MemplanError
+
 __all__ = ["FeatureFn", "FeatureTap", "LogitsOnly"]
+
+
+class TapError(MemplanError, ValueError):
+    """A feature tap naming no node or module, or a model torch.fx cannot trace."""
 
 
 class FeatureFn(Protocol):
@@ -86,9 +92,9 @@ class FeatureTap:
         if isinstance(names, str):
             raise TypeError("FeatureTap expects a sequence of names, not a single string")
         if not names:
-            raise ValueError("FeatureTap needs at least one node or module name")
+            raise TapError("FeatureTap needs at least one node or module name")
         if len(set(names)) != len(names):
-            raise ValueError(f"FeatureTap names must be unique, got {list(names)}")
+            raise TapError(f"FeatureTap names must be unique, got {list(names)}")
         object.__setattr__(self, "names", tuple(names))
 
     def prepare(self, model: nn.Module) -> fx.GraphModule:
@@ -98,7 +104,7 @@ class FeatureTap:
         try:
             graph = tracer.trace(model)
         except Exception as exc:  # fx raises many error types for untraceable code
-            raise ValueError(f"FeatureTap cannot trace {type(model).__name__} with torch.fx: {exc}") from exc
+            raise TapError(f"FeatureTap cannot trace {type(model).__name__} with torch.fx: {exc}") from exc
         taps = [_find_node(graph, name) for name in self.names]
         output = next(node for node in graph.nodes if node.op == "output")
         output.args = ((output.args[0], taps),)
@@ -117,11 +123,11 @@ def _find_node(graph: fx.Graph, name: str) -> fx.Node:
     """The unique call of module ``name``, else the node called ``name``."""
     calls = [n for n in graph.nodes if n.op == "call_module" and n.target == name]
     if len(calls) > 1:
-        raise ValueError(f"FeatureTap: module {name!r} is called {len(calls)} times; tap a node name instead")
+        raise TapError(f"FeatureTap: module {name!r} is called {len(calls)} times; tap a node name instead")
     if calls:
         return calls[0]
     for node in graph.nodes:
         if node.name == name and node.op not in ("placeholder", "output"):
             return node
     available = [n.name for n in graph.nodes if n.op not in ("placeholder", "output")]
-    raise ValueError(f"FeatureTap: no module call or node named {name!r}; nodes: {', '.join(available)}")
+    raise TapError(f"FeatureTap: no module call or node named {name!r}; nodes: {', '.join(available)}")

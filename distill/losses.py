@@ -40,6 +40,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distill.red import red_loss
+from memplan.errors import MemplanError
+from memplan.registry import Registry, UnknownNameError
 
 __all__ = [
     "METHODS",
@@ -88,7 +90,15 @@ class DistillMethod(nn.Module):
         return {}
 
 
-METHODS: dict[str, type[DistillMethod]] = {}
+class MethodError(MemplanError, ValueError):
+    """A bad method spec or option, or inputs a method cannot use."""
+
+
+class _UnknownMethod(MethodError, UnknownNameError):
+    """A method spec naming no registered method."""
+
+
+METHODS: Registry[type[DistillMethod]] = Registry("distillation method", unknown_error=_UnknownMethod)
 _M = TypeVar("_M", bound=type[DistillMethod])
 
 
@@ -104,12 +114,10 @@ def register(name: str) -> Callable[[_M], _M]:
     """
 
     def add(cls: _M) -> _M:
-        if name in METHODS:
-            raise ValueError(f"distillation method {name!r} is already registered")
         if "+" in name:
-            raise ValueError(f"method names cannot contain '+': {name!r}")
+            raise MethodError(f"method names cannot contain '+': {name!r}")
+        METHODS.add(name, cls)
         cls.name = name
-        METHODS[name] = cls
         return cls
 
     return add
@@ -139,14 +147,14 @@ class KD(DistillMethod):
     def __init__(self, temperature: float = 4.0) -> None:
         super().__init__()
         if temperature <= 0:
-            raise ValueError(f"kd temperature must be > 0, got {temperature}")
+            raise MethodError(f"kd temperature must be > 0, got {temperature}")
         self.temperature = temperature
 
     def forward(self, inputs: LossInputs) -> dict[str, Tensor]:
         t = self.temperature
         log_p_s = F.log_softmax(inputs.student_logits / t, dim=1)
         if inputs.teacher_logits is None:
-            raise ValueError("kd needs teacher logits")
+            raise MethodError("kd needs teacher logits")
         p_t = F.softmax(inputs.teacher_logits.to(log_p_s.dtype) / t, dim=1)
         return {"kd": t * t * F.kl_div(log_p_s, p_t, reduction="none").sum(1).mean()}
 
@@ -233,7 +241,7 @@ class Objective(nn.Module):
     ) -> None:
         super().__init__()
         if not methods:
-            raise ValueError("an objective needs at least one method")
+            raise MethodError("an objective needs at least one method")
         self.methods = nn.ModuleList(methods)
         adds_loss = any(m.adds_loss for m in methods)
         self.task_weight = (0.5 if adds_loss else 1.0) if task_weight is None else task_weight
@@ -259,13 +267,13 @@ class Objective(nn.Module):
         """Check the matched features of one batch and build shape-dependent parameters."""
         if self.needs_features:
             if not student_feats or len(student_feats) != len(teacher_feats):
-                raise ValueError(
+                raise MethodError(
                     f"method {self.spec!r} needs matched features: got {len(student_feats)} student and "
                     f"{len(teacher_feats)} teacher features"
                 )
             for i, (s, t) in enumerate(zip(student_feats, teacher_feats)):
                 if s.dim() != 4 or t.dim() != 4:
-                    raise ValueError(
+                    raise MethodError(
                         f"feature pair {i}: expected (N, C, H, W) maps, got {tuple(s.shape)} and {tuple(t.shape)}"
                     )
         for method in self.methods:
@@ -298,30 +306,30 @@ def build_objective(
     options = dict(options or {})
     unknown = sorted(set(options) - set(METHODS))
     if unknown:
-        raise ValueError(f"options for unknown methods {unknown}; registered: {', '.join(sorted(METHODS))}")
+        raise MethodError(f"options for unknown methods {unknown}; registered: {', '.join(METHODS.names())}")
     names = [part.strip() for part in spec.split("+")]
     for name in names:
         if name not in METHODS:
-            raise ValueError(
-                f"unknown distillation method {name!r} in {spec!r}; registered: {', '.join(sorted(METHODS))}"
+            raise MethodError(
+                f"unknown distillation method {name!r} in {spec!r}; registered: {', '.join(METHODS.names())}"
             )
     if len(set(names)) != len(names):
-        raise ValueError(f"method spec {spec!r} repeats a method")
+        raise MethodError(f"method spec {spec!r} repeats a method")
     if len(names) > 1 and "none" in names:
-        raise ValueError(f"'none' cannot be combined with other methods: {spec!r}")
+        raise MethodError(f"'none' cannot be combined with other methods: {spec!r}")
     methods = []
     for name in names:
         kwargs = dict(options.get(name, {}))
         try:
             methods.append(METHODS[name](**kwargs))
         except TypeError as exc:
-            raise ValueError(f"bad options {kwargs} for method {name!r}: {exc}") from exc
+            raise MethodError(f"bad options {kwargs} for method {name!r}: {exc}") from exc
     return Objective(methods, task_weight=task_weight, distill_weight=distill_weight)
 
 
 def _check_same_spatial(method: str, s: Tensor, t: Tensor) -> None:
     if s.shape[2:] != t.shape[2:]:
-        raise ValueError(
+        raise MethodError(
             f"{method}: student feature {tuple(s.shape)} and teacher feature {tuple(t.shape)} differ in "
             "spatial size; tap matched points of equal resolution"
         )

@@ -14,10 +14,14 @@ True
 
 from __future__ import annotations
 
+import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["REDBlock", "red_loss"]
+from memplan.errors import MemplanError
+from passes import StageMap, attach_blocks
+
+__all__ = ["REDBlock", "attach_red", "red_loss"]
 
 
 class REDBlock(nn.Module):
@@ -31,7 +35,7 @@ class REDBlock(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
         if channels < 1:
-            raise ValueError(f"REDBlock needs channels >= 1, got {channels}")
+            raise MemplanError(f"REDBlock needs channels >= 1, got {channels}")
         self.channels = channels
         self.gate_conv = nn.Conv2d(channels, channels, kernel_size=1, bias=False)
         self.gate_bn = nn.BatchNorm2d(channels)
@@ -61,20 +65,36 @@ def red_loss(student_feat: Tensor, teacher_feat: Tensor) -> Tensor:
     2.0
     """
     if student_feat.dim() != 4 or teacher_feat.dim() != 4:
-        raise ValueError(
+        raise MemplanError(
             f"red_loss expects (N, C, H, W) maps, got student {tuple(student_feat.shape)} "
             f"and teacher {tuple(teacher_feat.shape)}"
         )
     if student_feat.shape[2:] != teacher_feat.shape[2:]:
-        raise ValueError(
+        raise MemplanError(
             f"red_loss needs equal spatial sizes: student {tuple(student_feat.shape[2:])} vs "
             f"teacher {tuple(teacher_feat.shape[2:])}; match the student stage to a teacher map of the "
             "same resolution"
         )
     if student_feat.shape[0] != teacher_feat.shape[0]:
-        raise ValueError(
+        raise MemplanError(
             f"red_loss needs equal batch sizes: {student_feat.shape[0]} vs {teacher_feat.shape[0]}"
         )
     s = student_feat.mean(dim=1).flatten(1)
     t = teacher_feat.mean(dim=1).flatten(1)
     return (1.0 - F.cosine_similarity(s, t.to(s.dtype), dim=1)).mean()
+
+
+def attach_red(student: nn.Module, stage_map: StageMap, placement: str = "input+output") -> fx.GraphModule:
+    """A copy of ``student`` with a :class:`REDBlock` at every stage-map pair ``placement`` uses.
+
+    ``placement``: ``"input+output"`` (ReDistill's better setting) or ``"output"``; the copy lists the
+    blocks in ``red_points`` and their teacher nodes in ``red_teachers`` (:func:`passes.attach_blocks`).
+
+    >>> import torch
+    >>> from memplan.zoo import create_model
+    >>> from passes import aggressive_pool
+    >>> s = aggressive_pool(create_model("resnet_tiny"), torch.empty(1, 1, 28, 28), factor=4)
+    >>> attach_red(s.module, s.stage_map, "output").red_points
+    ['red_out0', 'red_out1', 'red_out2']
+    """
+    return attach_blocks(student, stage_map, placement, REDBlock, prefix="red")

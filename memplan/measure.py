@@ -298,9 +298,9 @@ def measure(
         ['torch eager CPU', 'torch CUDA', 'onnxruntime, no arena', 'onnxruntime, arena']
     """
     from memplan.analyze import analyze
-    from memplan.loader import default_input, load_model
     from memplan.onnx_frontend import analyze_onnx, load_onnx, set_input_dims
     from memplan.onnx_ort import analyze_ort_optimized
+    from memplan.specs import default_input, load_model
 
     is_onnx = isinstance(model, (str, Path)) and str(model).endswith(".onnx")
     with tempfile.TemporaryDirectory() as tmp:

@@ -34,8 +34,8 @@ import onnx
 
 from memplan.analyze import MemoryReport, report_from_graph
 from memplan.errors import MemplanError, describe_error
-from memplan.loader import parse_shape
 from memplan.onnx_frontend import analyze_onnx, graph_from_onnx, load_onnx, set_input_dims
+from memplan.specs import parse_shape
 
 LEVELS = ("basic", "extended", "all")
 

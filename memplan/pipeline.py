@@ -33,7 +33,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -43,16 +42,20 @@ from typing import Any
 import torch
 from torch import nn
 
+from distill.config import TrainConfig, load_config
 from distill.data import DataBundle, load_data
 from distill.losses import build_objective
-from distill.trainer import ConfigError, TrainConfig, load_config, load_student, train
+from distill.red import REDBlock
+from distill.run import RunDir
+from distill.trainer import train
 from memplan.analyze import analyze
 from memplan.errors import MemplanError
 from memplan.export import export_onnx
+from memplan.io import write_json, write_text_atomic
 from memplan.measure import measure
 from memplan.plot import plot_timeline
-from memplan.report import fmt_bytes, write_json, write_text_atomic
-from passes import PassError, Recipe, fit_budget
+from memplan.report import fmt_bytes
+from passes import fit_budget
 
 __all__ = ["PIPELINE_KEYS", "Accuracy", "ModelSummary", "PipelineConfig", "PipelineResult", "format_report", "format_table",
            "run_pipeline"]
@@ -71,10 +74,11 @@ class PipelineConfig:
 
     ``model``: the teacher architecture (``zoo:NAME``, ``pkg.module:factory``, ``file.py:factory``).
     ``teacher``: a finished run directory of :func:`distill.trainer.train` on ``model`` (or a
-    ``best.pt``/``last.pt``/``student.pt`` in one) instead of training a teacher. ``teacher_epochs``
+    ``best.pt``/``last.pt``/``student.pt`` in one) instead of training a teacher; ``trust_code`` lets its
+    ``config.yaml`` name code (file/module specs). ``teacher_epochs``
     None: ``epochs``. ``input_shape``: the deploy input ``(N, C, H, W)`` that is analysed, measured
     and exported; its H sets the training ``image_size`` (None: batch 1 at the data's size).
-    ``overrides``: ``key=value`` :class:`~distill.trainer.TrainConfig` settings for both training
+    ``overrides``: ``key=value`` :class:`~distill.config.TrainConfig` settings for both training
     runs (``lr=0.05``, ``train_subset=200``...), except :data:`PIPELINE_KEYS`. ``latency_runs`` and
     ``ort_threads``: onnxruntime runs behind the median latency, and its intra-op threads.
     """
@@ -92,6 +96,7 @@ class PipelineConfig:
     overrides: Sequence[str] = ()
     latency_runs: int = 20
     ort_threads: int = 1
+    trust_code: bool = False
 
 
 @dataclass(frozen=True)
@@ -105,15 +110,11 @@ class Accuracy:
     best_test_acc: float
 
     @classmethod
-    def from_run(cls, run_dir: Path) -> Accuracy:
+    def from_run(cls, run: RunDir) -> Accuracy:
         """Read ``metrics.jsonl`` of a run directory (best: the first epoch of highest ``val_acc``)."""
-        path = run_dir / "metrics.jsonl"
-        try:
-            records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        except (OSError, json.JSONDecodeError) as e:
-            raise MemplanError(f"cannot read the metrics of run '{run_dir}': {e}") from e
+        records = run.history()
         if not records:
-            raise MemplanError(f"run '{run_dir}' has no finished epoch in {path.name}")
+            raise MemplanError(f"run '{run.path}' has no finished epoch in {RunDir.METRICS}")
         best = max(records, key=lambda r: r["val_acc"])
         return cls(records[-1]["epoch"], records[-1]["test_acc"], best["epoch"], best["val_acc"], best["test_acc"])
 
@@ -177,43 +178,20 @@ class PipelineResult:
 # training stages
 
 
-def _train_stage(cfg: TrainConfig, stage: str) -> Path:
+def _train_stage(cfg: TrainConfig, stage: str) -> RunDir:
     """Train ``cfg`` into ``cfg.out_dir``; a run already there is resumed (finished: nothing to do)."""
-    run = Path(str(cfg.out_dir))
-    resume = (run / "last.pt").is_file()
-    log.info("%s: %s %s", stage, "continuing (a finished run is reused)" if resume else "training", run)
-    try:
-        train(dataclasses.replace(cfg, resume=str(run) if resume else None))
-    except ConfigError as e:
-        hint = f" (a different run is in '{run}': pick a new --out or remove it)" if resume else ""
-        raise MemplanError(f"{stage}: {e}{hint}") from e
+    run = RunDir(str(cfg.out_dir))
+    resume = run.has("last.pt")
+    log.info("%s: %s %s", stage, "continuing (a finished run is reused)" if resume else "training", run.path)
+    train(dataclasses.replace(cfg, resume=str(run.path) if resume else None))
     return run
 
 
-def _given_teacher(path: str) -> tuple[Path, str]:
-    """The run directory and weights file name of a ``--teacher`` run directory or checkpoint in one."""
-    given = Path(path)
-    if not given.exists():
-        raise MemplanError(f"teacher '{path}' does not exist (give a run directory of memplan train or a checkpoint "
-                           "in one)")
-    run, weights = (given, "student.pt") if given.is_dir() else (given.parent, given.name)
-    if not (run / weights).is_file():
-        raise MemplanError(f"teacher '{path}' has no {weights} (give a finished run directory of memplan train, "
-                           "or a checkpoint in one)")
-    if not (run / "config.yaml").is_file():
-        raise MemplanError(f"teacher '{path}' is not in a training run directory (no config.yaml beside it): "
-                           "train it with memplan train, or let the pipeline train it")
-    return run, weights
-
-
-def _teacher_config(run: Path, model: str) -> TrainConfig:
+def _teacher_config(run: RunDir, model: str, trust_code: bool) -> TrainConfig:
     """The teacher run's saved config; it must have trained ``model`` (not a derived student)."""
-    try:
-        trained = load_config(run / "config.yaml")
-    except ConfigError as e:
-        raise MemplanError(f"teacher run '{run}': {e}") from e
+    trained = run.config(trust_code=trust_code)
     if trained.model != model:
-        raise MemplanError(f"teacher run '{run}' trained {trained.model or 'a derived student'!r}, not {model!r}")
+        raise MemplanError(f"teacher run '{run.path}' trained {trained.model or 'a derived student'!r}, not {model!r}")
     return trained
 
 
@@ -224,19 +202,13 @@ def _base_config(config: PipelineConfig) -> TrainConfig:
         raise MemplanError(f"override(s) {owned} are set by the pipeline; use its arguments (--data, --epochs, "
                            "--teacher-epochs, --method, --factor/--budget, --teacher, --out)")
     size = [f"image_size={config.input_shape[2]}"] if config.input_shape else []
-    try:
-        return load_config(None, [f"data={config.data}", *size, *config.overrides])
-    except ConfigError as e:
-        raise MemplanError(str(e)) from e
+    return load_config(None, [f"data={config.data}", *size, *config.overrides])
 
 
 def _load_data(cfg: TrainConfig) -> DataBundle:
     """The splits the training runs see (same data spec, validation split, subset and size)."""
-    try:
-        return load_data(cfg.data, val_fraction=cfg.val_fraction, train_subset=cfg.train_subset, seed=cfg.seed,
-                         image_size=cfg.image_size)
-    except ValueError as e:
-        raise MemplanError(f"data {cfg.data!r}: {e}") from e
+    return load_data(cfg.data, val_fraction=cfg.val_fraction, train_subset=cfg.train_subset, seed=cfg.seed,
+                     image_size=cfg.image_size)
 
 
 def _deploy_shape(config: PipelineConfig, bundle: DataBundle) -> tuple[int, ...]:
@@ -249,19 +221,12 @@ def _deploy_shape(config: PipelineConfig, bundle: DataBundle) -> tuple[int, ...]
     return shape
 
 
-def _load(run: Path, weights: str) -> nn.Module:
-    try:
-        return load_student(run, weights)
-    except ConfigError as e:
-        raise MemplanError(str(e)) from e
-
-
 # ---------------------------------------------------------------------------------------------
 # export, analysis, measurement
 
 
 def _summarize(
-    name: str, model: nn.Module, run: Path, weights: str, shape: tuple[int, ...], real: torch.Tensor,
+    name: str, model: nn.Module, run: RunDir, weights: str, shape: tuple[int, ...], real: torch.Tensor,
     config: PipelineConfig,
 ) -> ModelSummary:
     """Export ``model`` to ``OUT/NAME.onnx`` (parity on ``real`` images), analyse, measure, plot its timeline."""
@@ -306,27 +271,27 @@ def run_pipeline(config: PipelineConfig) -> PipelineResult:
         raise MemplanError("give exactly one of factor (e.g. 2) and a memory budget")
     if config.input_shape is not None and len(config.input_shape) != 4:
         raise MemplanError(f"input shape {config.input_shape} is not N,C,H,W")
-    try:
-        needs_red = build_objective(config.method).needs_red_blocks
-    except ValueError as e:
-        raise MemplanError(str(e)) from e
+    needs_red = build_objective(config.method).needs_red_blocks
+    if config.teacher is not None:  # refuse a bad --teacher before anything is written
+        _teacher_config(RunDir.from_checkpoint(config.teacher)[0], config.model, config.trust_code)
+    with RunDir(config.out_dir).lock():  # one pipeline per output directory
+        return _run_locked(config, needs_red)
+
+
+def _run_locked(config: PipelineConfig, needs_red: bool) -> PipelineResult:
     out = Path(config.out_dir)
     base = _base_config(config)
     bundle = _load_data(base)
     shape = _deploy_shape(config, bundle)
 
     teacher_run, teacher_weights = _teacher_stage(config, base, out)
-    teacher = _load(teacher_run, teacher_weights)
+    teacher = teacher_run.load_model(teacher_weights, trust_code=config.trust_code)
     student_cfg = _student_config(config, base, teacher_run, teacher_weights, out)
     if config.budget_bytes is not None:
         student_cfg = _fit_budget(student_cfg, teacher, shape, config.budget_bytes, needs_red, out)
     student_run = _train_stage(student_cfg, "student")
-    student = _load(student_run, "student.pt")
-    try:  # the trainer's recipe.json: the passes Recipe plus red_placement
-        doc = json.loads((student_run / "recipe.json").read_text())
-        recipe, placement = Recipe.from_json(doc), doc.get("red_placement")
-    except (OSError, json.JSONDecodeError, PassError) as e:
-        raise MemplanError(f"{student_run / 'recipe.json'}: {e}") from e
+    student = student_run.load_model("student.pt", trust_code=config.trust_code)
+    recipe, placement = student_run.recipe()
 
     real = bundle.preprocess(bundle.val.images[: max(PARITY_SAMPLES, shape[0])], train=False)
     t = _summarize("teacher", teacher, teacher_run, teacher_weights, shape, real, config)
@@ -355,20 +320,20 @@ def run_pipeline(config: PipelineConfig) -> PipelineResult:
     return result
 
 
-def _teacher_stage(config: PipelineConfig, base: TrainConfig, out: Path) -> tuple[Path, str]:
+def _teacher_stage(config: PipelineConfig, base: TrainConfig, out: Path) -> tuple[RunDir, str]:
     """Train the teacher into ``out/teacher`` (or take ``config.teacher``): its run directory and weights file."""
     if config.teacher is None:
         cfg = dataclasses.replace(base, model=config.model, method="none", out_dir=str(out / "teacher"),
                                   epochs=config.teacher_epochs or config.epochs)
         return _train_stage(cfg, "teacher"), "student.pt"
-    return _given_teacher(config.teacher)
+    return RunDir.from_checkpoint(config.teacher)
 
 
 def _student_config(
-    config: PipelineConfig, base: TrainConfig, teacher_run: Path, teacher_weights: str, out: Path
+    config: PipelineConfig, base: TrainConfig, teacher_run: RunDir, teacher_weights: str, out: Path
 ) -> TrainConfig:
     """The distillation run of the student of factor ``config.factor`` (a budget sets the recipe later)."""
-    trained = _teacher_config(teacher_run, config.model)
+    trained = _teacher_config(teacher_run, config.model, config.trust_code)
     return dataclasses.replace(
         base, teacher=config.model, teacher_kwargs=trained.model_kwargs, method=config.method,
         teacher_checkpoint=str(teacher_run / teacher_weights), factor=config.factor, epochs=config.epochs,
@@ -379,10 +344,8 @@ def _fit_budget(
     cfg: TrainConfig, teacher: nn.Module, shape: tuple[int, ...], budget: int, with_red: bool, out: Path
 ) -> TrainConfig:
     """``cfg`` training the least aggressive student that fits ``budget`` (its recipe in ``out/recipe.json``)."""
-    try:
-        fit = fit_budget(teacher, torch.empty(shape, device="meta"), budget, with_red=with_red, pool=cfg.pool)
-    except PassError as e:
-        raise MemplanError(str(e)) from e
+    fit = fit_budget(teacher, torch.empty(shape, device="meta"), budget, REDBlock if with_red else None,
+                     pool=cfg.pool)
     log.info("student: k=%d (absorb %s) fits %s: deployed peak %s", fit.student.recipe.factor,
              fit.student.recipe.absorb, fmt_bytes(budget), fmt_bytes(fit.peak_bytes))
     fit.student.recipe.save(out / "recipe.json")

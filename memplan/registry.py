@@ -87,6 +87,9 @@ class Registry(Generic[T]):
         """``(name, object)`` pairs, sorted by name."""
         return sorted(self._items.items())
 
+    def __delitem__(self, name: str) -> None:
+        self.unregister(name)
+
     def __contains__(self, name: object) -> bool:
         return name in self._items
 

@@ -1,15 +1,11 @@
-"""Human-readable reports: byte formatting, the analyze table, per-stage peaks, JSON output."""
+"""Human-readable reports: byte formatting, the analyze table, per-stage peaks."""
 
 from __future__ import annotations
 
-import json
-import os
-import sys
-import tempfile
-from pathlib import Path
-from typing import Any
+import re
 
 from memplan.analyze import MemoryReport
+from memplan.errors import MemplanError
 
 
 def fmt_bytes(n: float) -> str:
@@ -69,24 +65,20 @@ def format_table(report: MemoryReport, top: int = 10) -> str:
     return "\n".join(lines)
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file and ``os.replace`` (never a half file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kib": 2**10, "kb": 10**3, "m": 2**20, "mib": 2**20, "mb": 10**6,
+          "g": 2**30, "gib": 2**30, "gb": 10**9}
 
 
-def write_json(doc: dict[str, Any], dest: str) -> None:
-    """Write ``doc`` as JSON to ``dest`` (``-`` = stdout), atomically for files."""
-    text = json.dumps(doc, indent=2)
-    if dest == "-":
-        sys.stdout.write(text + "\n")
-    else:
-        write_text_atomic(dest, text + "\n")
+def parse_bytes(text: str) -> int:
+    """Parse a memory size: ``512KiB``, ``1.5MiB``, ``800000``, ``2MB`` (K/M/G alone are binary).
+
+    >>> parse_bytes("512KiB"), parse_bytes("1.5MiB"), parse_bytes("800,000"), parse_bytes("2 MB")
+    (524288, 1572864, 800000, 2000000)
+    """
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*", text.replace(",", "").replace("_", ""))
+    if not match or match.group(2).lower() not in _UNITS:
+        raise MemplanError(f"bad memory size '{text}': use bytes or a unit, e.g. 800000, 512KiB, 1.5MiB, 2MB")
+    value = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    if value < 1:
+        raise MemplanError(f"bad memory size '{text}': must be at least 1 byte")
+    return value

@@ -1,4 +1,4 @@
-"""Graph rewrites on traced CNNs: aggressive-pooling students (docs/definitions.md §4), RED attachment (§5), budgets.
+"""Graph rewrites on traced CNNs: aggressive-pooling students (docs/definitions.md §4), block (RED) attachment (§5), budgets.
 
 Example:
     >>> import torch
@@ -26,7 +26,7 @@ from passes.aggressive_pool import (
     plan_student,
     transfer_weights,
 )
-from passes.attach_red import PLACEMENTS, attach_red
+from passes.attach import PLACEMENTS, BlockFactory, attach_blocks
 from passes.budget import BudgetError, BudgetFit, Candidate, fit_budget
 from passes.downsampling import (
     AbsorbError,
@@ -40,8 +40,8 @@ from passes.downsampling import (
 )
 
 __all__ = [
-    "ABSORB", "PLACEMENTS", "POOLS", "AbsorbError", "BudgetError", "BudgetFit", "Candidate", "DownsamplingAnalysis",
+    "ABSORB", "PLACEMENTS", "POOLS", "AbsorbError", "BlockFactory", "BudgetError", "BudgetFit", "Candidate", "DownsamplingAnalysis",
     "Geometry", "InsertPool", "Level", "LevelStride", "PassError", "Point", "Recipe", "Restride", "StageMap",
     "StagePair", "Stem", "Student", "WeightTransfer", "aggressive_pool", "analyze_downsampling", "apply_recipe",
-    "attach_red", "build_student", "fit_budget", "plan_student", "transfer_weights",
+    "attach_blocks", "build_student", "fit_budget", "plan_student", "transfer_weights",
 ]

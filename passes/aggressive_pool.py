@@ -61,7 +61,7 @@ from torch import nn
 
 from memplan.capture import META_KEY, capture
 from memplan.errors import MemplanError
-from memplan.report import write_text_atomic
+from memplan.io import write_text_atomic
 from passes.downsampling import (
     KIND_RULES,
     AbsorbError,

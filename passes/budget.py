@@ -1,15 +1,18 @@
 """Pick the least aggressive aggressive-pool student whose deployed peak fits a memory budget.
 
 Candidates are tried in order of aggressiveness: factor ``k`` ascending; for each ``k`` the paper's
-absorb order (``"stem"``) before ``"latest"``; for each, the RED placement ``"input+output"`` (more
+absorb order (``"stem"``) before ``"latest"``; for each, the block placement ``"input+output"`` (more
 blocks, ReDistill's better setting) before ``"output"``. The peak is the deploy-form peak of the
-student *with* the RED blocks distillation will attach (docs/definitions.md §5) unless ``with_red=False``. The first
-candidate that fits wins; when none does, :class:`BudgetError` states the best achievable peak.
+student *with* the blocks distillation will attach (``block``, e.g. ``distill.red.REDBlock``;
+docs/definitions.md §5), or bare when ``block`` is None. The first candidate that fits wins; when none
+does, :class:`BudgetError` states the best achievable peak.
 
 Example:
     >>> import torch
+    >>> from torch import nn
     >>> from memplan.zoo import create_model
-    >>> fit = fit_budget(create_model("resnet18"), torch.empty(1, 3, 224, 224), 1_000_000)
+    >>> block = lambda c: nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.ReLU())
+    >>> fit = fit_budget(create_model("resnet18"), torch.empty(1, 3, 224, 224), 1_000_000, block)
     >>> fit.student.recipe.factor, fit.student.recipe.absorb, fit.placement, fit.peak_bytes
     (4, 'stem', 'input+output', 802816)
 """
@@ -25,7 +28,7 @@ from torch import nn
 from memplan.analyze import analyze
 from memplan.report import fmt_bytes
 from passes.aggressive_pool import ABSORB, Recipe, Student, build_student, plan_student
-from passes.attach_red import PLACEMENTS, attach_red
+from passes.attach import PLACEMENTS, BlockFactory, attach_blocks
 from passes.downsampling import AbsorbError, PassError, analyze_downsampling
 
 __all__ = ["BudgetError", "BudgetFit", "Candidate", "fit_budget"]
@@ -41,9 +44,9 @@ class Candidate:
 
     factor: int
     absorb: str
-    placement: str | None  # RED placement; None when RED blocks are not counted
+    placement: str | None  # block placement; None when blocks are not counted
     peak_bytes: int | None  # deployed peak; None when not measured (see note)
-    student_peak_bytes: int | None  # without RED blocks; None when the factor cannot be absorbed
+    student_peak_bytes: int | None  # without blocks; None when the factor cannot be absorbed
     note: str = ""  # why the candidate was not measured
 
 
@@ -53,7 +56,7 @@ class BudgetFit:
 
     student: Student
     placement: str | None
-    peak_bytes: int  # deployed peak, RED blocks included when counted
+    peak_bytes: int  # deployed peak, blocks included when counted
     student_peak_bytes: int
     teacher_peak_bytes: int
     budget_bytes: int
@@ -64,7 +67,7 @@ def fit_budget(
     model: nn.Module,
     example_inputs: torch.Tensor | Sequence[torch.Tensor],
     budget_bytes: int,
-    with_red: bool = True,
+    block: BlockFactory | None = None,
     *,
     pool: str = "stride",
     factors: Sequence[int] = (2, 4, 8),
@@ -76,7 +79,7 @@ def fit_budget(
     teacher_peak = analysis.peak_bytes
     tried: list[Candidate] = []
     seen: set[tuple] = set()
-    over: list[tuple[int, Recipe]] = []  # (peak without RED, recipe) of students over budget already
+    over: list[tuple[int, Recipe]] = []  # (peak without blocks, recipe) of students over budget already
     for factor in factors:
         for absorb in ABSORB:
             try:
@@ -88,29 +91,29 @@ def fit_budget(
                 continue
             seen.add(recipe.changes)
             student = build_student(model, example_inputs, recipe, analysis)
-            if with_red and student.peak_bytes > budget_bytes:  # RED blocks only add memory
-                tried.append(Candidate(factor, absorb, None, None, student.peak_bytes, "over budget without RED"))
+            if block is not None and student.peak_bytes > budget_bytes:  # blocks only add memory
+                tried.append(Candidate(factor, absorb, None, None, student.peak_bytes, "over budget without blocks"))
                 over.append((student.peak_bytes, recipe))
                 continue
-            for placement in PLACEMENTS if with_red else (None,):
-                peak = _peak(student, placement, example_inputs)
+            for placement in PLACEMENTS if block is not None else (None,):
+                peak = _peak(student, placement, block, example_inputs)
                 tried.append(Candidate(factor, absorb, placement, peak, student.peak_bytes))
                 if peak <= budget_bytes:
                     return BudgetFit(student, placement, peak, student.peak_bytes, teacher_peak, budget_bytes,
                                      tuple(tried))
     best = min(((c.peak_bytes, c) for c in tried if c.peak_bytes is not None), default=None, key=lambda t: t[0])
-    for bare, recipe in sorted(over, key=lambda t: t[0]):  # lazily: RED peaks of students over budget
+    for bare, recipe in sorted(over, key=lambda t: t[0]):  # lazily: peaks with blocks of students over budget
         if best is not None and best[0] <= bare:
             break
         student = build_student(model, example_inputs, recipe, analysis)
         for placement in PLACEMENTS:
-            peak = _peak(student, placement, example_inputs)
+            peak = _peak(student, placement, block, example_inputs)
             if best is None or peak < best[0]:
                 best = (peak, Candidate(recipe.factor, recipe.absorb, placement, peak, bare))
     if best is None:
         raise BudgetError(f"no student of {analysis.model} can be built: {tried[0].note}")
     peak, c = best
-    red = f", RED {c.placement}" if c.placement else ""
+    red = f", blocks {c.placement}" if c.placement else ""
     raise BudgetError(
         f"no student of {analysis.model} fits {fmt_bytes(budget_bytes)} ({budget_bytes:,} bytes): the best achievable "
         f"deployed peak is {fmt_bytes(peak)} ({peak:,} bytes; k={c.factor}, absorb {c.absorb}{red}); "
@@ -118,7 +121,8 @@ def fit_budget(
     )
 
 
-def _peak(student: Student, placement: str | None, example_inputs: torch.Tensor | Sequence[torch.Tensor]) -> int:
-    if placement is None:
+def _peak(student: Student, placement: str | None, block: BlockFactory | None,
+          example_inputs: torch.Tensor | Sequence[torch.Tensor]) -> int:
+    if placement is None or block is None:
         return student.peak_bytes
-    return analyze(attach_red(student.module, student.stage_map, placement), example_inputs).peak_bytes
+    return analyze(attach_blocks(student.module, student.stage_map, placement, block), example_inputs).peak_bytes

@@ -6,7 +6,7 @@ import pytest
 import torch
 import yaml
 
-from distill.trainer import load_student, state_digest
+from distill.run import RunDir, state_digest
 from memplan.cli import main
 
 TINY = ["image_size=16", "train_subset=200", "batch_size=50", "device=cpu", "seed=3"]
@@ -30,7 +30,7 @@ def test_train_writes_run_and_prints_accuracies(teacher_run, capsys):
     assert main(["train", "--resume", str(teacher_run)]) == 0  # finished: nothing left to train
     out = capsys.readouterr().out
     assert "test accuracy" in out and "(last epoch, 1)" in out and "best val" in out
-    model = load_student(teacher_run)
+    model = RunDir(teacher_run).load_model()
     state = torch.load(teacher_run / "student.pt", weights_only=True)
     assert state_digest(model.state_dict()) == state_digest(state)
 
@@ -49,7 +49,7 @@ def test_distill_red_derives_the_student_and_resumes(teacher_run, tmp_path, caps
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert {"red", "task"} <= set(records[0]["train_loss"])
 
-    student = load_student(out)
+    student = RunDir(out).load_model()
     assert student.red_points == ["red_out0", "red_in1", "red_out1", "red_in2", "red_out2"]
     state = torch.load(out / "student.pt", weights_only=True)
     assert state_digest(student.state_dict()) == state_digest(state)
@@ -67,7 +67,7 @@ def test_distill_methods_tap_the_stage_map(teacher_run, tmp_path, method, placem
                  *extra, "--epochs", "1", "--out", str(out), *TINY]) == 0
     record = json.loads((out / "metrics.jsonl").read_text())
     assert set(record["train_loss"]) == {"total", "task"} | losses
-    student = load_student(out, "best.pt")
+    student = RunDir(out).load_model("best.pt")
     assert len(getattr(student, "red_points", [])) == (3 if method == "red-blocks" else 0)
 
 

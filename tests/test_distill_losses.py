@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from distill.losses import METHODS, DistillMethod, LossInputs, build_objective, register
+from memplan.registry import DuplicateNameError
 
 
 def inputs(**kw):
@@ -160,7 +161,7 @@ def test_register_new_method_extends_combinations():
         out = build_objective("kd+l2-logits")(inputs(teacher_logits=torch.tensor([[1.0, -1.0]])))
         assert set(out.terms) == {"task", "kd", "l2"}
         assert out.terms["l2"].item() == pytest.approx(0.5 * 1.0)
-        with pytest.raises(ValueError, match="already registered"):
+        with pytest.raises(DuplicateNameError, match="already registered"):
             register("l2-logits")(L2Logits)
     finally:
         del METHODS["l2-logits"]

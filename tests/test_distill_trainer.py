@@ -11,10 +11,11 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from distill import trainer
+from distill.config import ConfigError, TrainConfig, load_config
 from distill.data import load_data
 from distill.red import REDBlock
-from distill.trainer import ConfigError, TrainConfig, load_config, main, state_digest, train
+from distill.run import RunDir, state_digest
+from distill.trainer import main, train
 
 REPO = Path(__file__).resolve().parents[1]
 THIS = Path(__file__).resolve()
@@ -158,16 +159,17 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path, teacher_ckpt, monke
     class Killed(Exception):
         pass
 
-    real_save_last = trainer._RunFiles.save_last
+    real_save = RunDir.save
 
-    def save_then_die(self, checkpoint):
-        real_save_last(self, checkpoint)
-        raise Killed
+    def save_then_die(self, name, obj):
+        real_save(self, name, obj)
+        if name == "last.pt":
+            raise Killed
 
-    monkeypatch.setattr(trainer._RunFiles, "save_last", save_then_die)
+    monkeypatch.setattr(RunDir, "save", save_then_die)
     with pytest.raises(Killed):
         train(distill_config(tmp_path / "split", teacher_ckpt, **cfg))
-    monkeypatch.setattr(trainer._RunFiles, "save_last", real_save_last)
+    monkeypatch.setattr(RunDir, "save", real_save)
     assert torch.load(tmp_path / "split" / "last.pt", weights_only=True)["epoch"] == 1
 
     resumed = train(distill_config(None, teacher_ckpt, resume=str(tmp_path / "split"), **cfg))
@@ -249,10 +251,13 @@ def test_cli_entry_point_in_process(tmp_path, capsys):
         "batch_size": 50,
     }
     path.write_text(yaml.safe_dump(cfg))
-    assert main([str(path), f"out_dir={tmp_path / 'run'}", "schedule=step", "device=cpu"]) == 0
+    args = [str(path), f"out_dir={tmp_path / 'run'}", "schedule=step", "device=cpu"]
+    assert main(args) == 2  # the config file names code: refused without --trust-code, nothing written
+    assert "--trust-code" in capsys.readouterr().err and not (tmp_path / "run").exists()
+    assert main(["--trust-code", *args]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["epochs"] == 1 and summary["run_dir"] == str(tmp_path / "run")
-    assert main([f"resume={tmp_path / 'run'}"]) == 0  # complete run: nothing left, same result
+    assert main(["--trust-code", f"resume={tmp_path / 'run'}"]) == 0  # complete run: nothing left, same result
     assert (
         json.loads(capsys.readouterr().out.strip().splitlines()[-1])["state_digest"]
         == summary["state_digest"]

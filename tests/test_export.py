@@ -11,14 +11,14 @@ import yaml
 from conftest import single_input_models
 from sklearn.datasets import load_digits
 
-from distill.run import load_run
+from distill.red import attach_red
+from distill.run import RunDir
 from memplan import analyze
 from memplan.cli import main
 from memplan.export import export_onnx
 from memplan.onnx_frontend import analyze_onnx
 from memplan.zoo import create_model, default_input
 from passes.aggressive_pool import aggressive_pool
-from passes.attach_red import attach_red
 
 SIZE = 64  # ImageNet-size models are exported at 64x64 (the graph, not the canvas, costs time)
 # Export costs 2-20 s per model on 2 cores, so the default run keeps one model per family (BasicBlock
@@ -145,7 +145,7 @@ def _run_dir(tmp_path, red):
 @pytest.mark.parametrize("red", [False, True], ids=["plain", "red"])
 def test_run_directory(tmp_path, capsys, red):
     run, student = _run_dir(tmp_path, red)
-    model, shape = load_run(run)
+    model, shape = RunDir.open(run).load_model(), RunDir.open(run).input_shape()
     x = torch.randn(shape)
     with torch.no_grad():
         torch.testing.assert_close(model(x), student(x))

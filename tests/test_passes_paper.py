@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from distill.features import FeatureTap
-from distill.red import REDBlock
+from distill.red import REDBlock, attach_red
 from memplan.analyze import analyze
 from memplan.zoo import create_model
-from passes import AbsorbError, BudgetError, PassError, aggressive_pool, attach_red, fit_budget
+from passes import AbsorbError, BudgetError, PassError, aggressive_pool, fit_budget
 
 IMAGENET = (1, 3, 224, 224)
 
@@ -112,14 +112,14 @@ def test_red_blocks_raise_the_peak_and_fit_budget_avoids_them() -> None:
     k2 = aggressive_pool(teacher, x, factor=2, absorb="latest")
     with_red = analyze(attach_red(k2.module, k2.stage_map, "output"), shape).peak_bytes
     assert with_red > k2.peak_bytes  # a RED block holds 3 maps at once: on a large early map that is the peak
-    fit = fit_budget(teacher, x, k2.peak_bytes)
+    fit = fit_budget(teacher, x, k2.peak_bytes, REDBlock)
     assert fit.peak_bytes <= k2.peak_bytes < with_red
     assert (fit.student.recipe.factor, fit.placement) != (2, "output")
     assert fit.candidates[0].factor == 2 and fit.candidates[-1].peak_bytes == fit.peak_bytes
-    bare = fit_budget(teacher, x, k2.peak_bytes, with_red=False)
+    bare = fit_budget(teacher, x, k2.peak_bytes)
     assert (bare.student.recipe.factor, bare.placement, bare.peak_bytes) == (2, None, k2.peak_bytes)
 
 
 def test_fit_budget_reports_the_best_achievable_peak() -> None:
     with pytest.raises(BudgetError, match=r"fits 1.00 KiB .*best achievable deployed peak is .* bytes; k="):
-        fit_budget(create_model("resnet_tiny"), torch.empty(1, 1, 28, 28), 1024)
+        fit_budget(create_model("resnet_tiny"), torch.empty(1, 1, 28, 28), 1024, REDBlock)

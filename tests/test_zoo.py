@@ -69,7 +69,7 @@ def test_registry_lists_expected_models():
 
 
 def test_unknown_model_is_one_line_value_error():
-    with pytest.raises(zoo.UnknownModelError, match="unknown model 'resnet19'; known: .*resnet18") as info:
+    with pytest.raises(zoo.UnknownModelError, match="unknown zoo model 'resnet19'; known: .*resnet18") as info:
         zoo.create_model("resnet19")
     assert isinstance(info.value, ValueError) and "\n" not in str(info.value)
     with pytest.raises(ValueError):
@@ -80,7 +80,7 @@ def test_register_model_rejects_duplicates():
     from memplan.registry import DuplicateNameError
     from memplan.zoo.resnet import resnet18
 
-    with pytest.raises(DuplicateNameError, match="model 'resnet18' is already registered"):
+    with pytest.raises(DuplicateNameError, match="zoo model 'resnet18' is already registered"):
         zoo.register_model(resnet18)
 
 

@@ -7,10 +7,11 @@ import argparse
 from memplan.analyze import analyze, report_from_graph
 from memplan.cli import command
 from memplan.graph import DTYPES, FORMS
-from memplan.loader import default_input, load_model, parse_shape
+from memplan.io import write_json
 from memplan.planner import plan_arena
-from memplan.report import fmt_bytes, format_table, write_json
+from memplan.report import fmt_bytes, format_table
 from memplan.schedule import best_order
+from memplan.specs import default_input, load_model, parse_shape
 
 
 @command("analyze", "peak activation memory of a model: where, what is live, per stage")

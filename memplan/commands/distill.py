@@ -8,7 +8,7 @@ in the student; RED, FitNet and AT compare student and teacher maps of equal siz
 run directory of ``memplan train`` (architecture, data and weights from its ``config.yaml`` and
 ``student.pt``) or a checkpoint file in one (``best.pt``); a checkpoint elsewhere needs
 ``teacher=SPEC``. ``--data`` defaults to the teacher's. The run directory adds ``recipe.json`` to
-``memplan train``'s files; ``distill.trainer.load_student(RUN)`` rebuilds the student from it.
+``memplan train``'s files; ``distill.run.RunDir(RUN).load_model()`` rebuilds the student from it.
 
 Example:
     $ memplan distill --teacher runs/teacher --factor 4 --method red --alpha 10 --epochs 15 --out runs/red
@@ -22,37 +22,30 @@ import argparse
 import json
 from pathlib import Path
 
-from distill.trainer import ConfigError, load_config
+from distill.run import RunDir
 from memplan.cli import command
 from memplan.commands.train import add_run_arguments, flag_overrides, run_training
 from memplan.errors import MemplanError
 from passes import PLACEMENTS
 
 
-def teacher_overrides(path: str) -> list[str]:
+def teacher_overrides(path: str, trust_code: bool = False) -> list[str]:
     """``teacher``, ``teacher_kwargs``, ``teacher_checkpoint``, ``data``, ``image_size`` from a teacher run.
 
-    ``path`` is a run directory or a checkpoint file; without a ``config.yaml`` beside it only the
-    checkpoint is known.
+    ``path`` is a run directory or a checkpoint file in one; a checkpoint elsewhere gives only
+    ``teacher_checkpoint`` (the architecture then comes from ``teacher=SPEC``).
     """
-    ckpt = Path(path)
-    if not ckpt.exists():
-        raise MemplanError(f"teacher '{path}' does not exist (give a run directory or a checkpoint file)")
-    run = ckpt if ckpt.is_dir() else ckpt.parent
-    if not (run / "config.yaml").is_file():
-        if ckpt.is_dir():
-            raise MemplanError(f"teacher run '{path}' has no config.yaml")
-        return [f"teacher_checkpoint={ckpt}"]
-    try:
-        cfg = load_config(run / "config.yaml")
-    except ConfigError as e:
-        raise MemplanError(f"teacher run '{run}': {e}") from e
+    given = Path(path)
+    if given.is_file() and not RunDir(given.parent).has(RunDir.CONFIG):
+        return [f"teacher_checkpoint={given}"]
+    run, weights = RunDir.from_checkpoint(given)
+    cfg = run.config(trust_code=trust_code)
     if not isinstance(cfg.model, str) or not cfg.model:
-        raise MemplanError(f"teacher run '{run}' names no model architecture (is it a derived student?)")
+        raise MemplanError(f"teacher run '{run.path}' names no model architecture (is it a derived student?)")
     return [
         f"teacher={cfg.model}",
         f"teacher_kwargs={json.dumps(cfg.model_kwargs)}",
-        f"teacher_checkpoint={ckpt}",
+        f"teacher_checkpoint={run / weights}",
         f"data={cfg.data}",
         f"image_size={cfg.image_size}",
     ]
@@ -80,10 +73,10 @@ def run(args: argparse.Namespace) -> int:
         raise MemplanError("give --teacher RUN_OR_CKPT with --factor K or --recipe FILE (or --resume RUN)")
     if args.resume is None and args.factor is None and args.recipe is None:
         raise MemplanError("give --factor K or --recipe FILE: the student is derived from the teacher")
-    teacher = teacher_overrides(args.teacher) if args.teacher else []
+    teacher = teacher_overrides(args.teacher, args.trust_code) if args.teacher else []
     method = args.method or ("red" if args.resume is None else None)
     flags = (("factor", args.factor), ("recipe", args.recipe), ("method", method),
              ("placement", args.placement), ("alpha", args.alpha))
     derived = [f"{key}={value}" for key, value in flags if value is not None]
-    run_training(args.config, [*teacher, *derived, *flag_overrides(args), *args.overrides])
+    run_training(args.config, [*teacher, *derived, *flag_overrides(args), *args.overrides], args.trust_code)
     return 0

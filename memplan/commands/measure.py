@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 
 from memplan.cli import command
-from memplan.loader import parse_shape
-from memplan.measure import measure
-from memplan.report import write_json
+from memplan.io import write_json
+from memplan.specs import parse_shape
 
 
 @command("measure", "measured peak activation memory (PyTorch CPU/CUDA, onnxruntime) next to the theory")
@@ -23,6 +22,8 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Execute ``memplan measure``."""
+    from memplan.measure import measure
+
     shape = parse_shape(args.input) if args.input else None
     report = measure(args.model, shape, runs=args.runs, threads=args.threads)
     if args.json != "-":

@@ -18,9 +18,8 @@ import argparse
 import logging
 
 from memplan.cli import allow_intermixed, command
-from memplan.commands.student import parse_bytes
-from memplan.loader import parse_shape
-from memplan.pipeline import PipelineConfig, format_table, run_pipeline
+from memplan.report import parse_bytes
+from memplan.specs import parse_shape
 
 
 @command("pipeline", "train a teacher, derive and distil its student, export, measure and report (resumable)")
@@ -45,6 +44,8 @@ def configure(p: argparse.ArgumentParser) -> None:
                                    "training image size (default: batch 1 at the data's size)")
     p.add_argument("--latency-runs", type=int, default=20, help="onnxruntime runs for the median latency")
     p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (0 = its default)")
+    p.add_argument("--trust-code", action="store_true", help="let a --teacher run's config.yaml name code "
+                                                             "(FILE.py:fn, pkg.mod:fn)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="training settings for both runs, e.g. lr=0.05 batch_size=64 seed=1")
     allow_intermixed(p)
@@ -53,6 +54,8 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Execute ``memplan pipeline``."""
+    from memplan.pipeline import PipelineConfig, format_table, run_pipeline
+
     logging.basicConfig(format="%(message)s")
     for name in ("memplan.pipeline", "distill.trainer"):  # progress only; exporter chatter stays quiet
         logging.getLogger(name).setLevel(logging.INFO)
@@ -70,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
         overrides=list(args.overrides),
         latency_runs=args.latency_runs,
         ort_threads=args.threads,
+        trust_code=args.trust_code,
     )
     result = run_pipeline(config)
     print(format_table(result))

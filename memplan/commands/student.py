@@ -1,8 +1,10 @@
 """``memplan student MODEL``: derive an aggressive-pooling student (docs/definitions.md §4) and report its memory.
 
 Prints teacher vs student deploy-form peak and ratio, the changed strides, the stage map and the
-peak with the RED blocks distillation attaches (docs/definitions.md §5); ``--out DIR`` writes ``recipe.json`` and
-``student.pt`` (the student's state_dict); ``--recipe`` re-applies a saved recipe.
+peak with the RED blocks distillation attaches (docs/definitions.md §5); ``--out DIR`` writes a student run
+directory (:class:`distill.run.RunDir`: ``recipe.json``, ``config.yaml``, ``run.json``, ``student.pt``) that
+``memplan export DIR`` and ``memplan distill --recipe DIR/recipe.json`` accept; ``--recipe`` re-applies a
+saved recipe.
 
 Example:
     $ memplan student zoo:resnet18 --factor 4 --out runs/r18-k4
@@ -13,17 +15,18 @@ Example:
 from __future__ import annotations
 
 import argparse
-import re
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from distill.config import TrainConfig
+from distill.red import REDBlock, attach_red
+from distill.run import RunDir
 from memplan.analyze import analyze
 from memplan.cli import command
-from memplan.errors import MemplanError
-from memplan.loader import default_input, load_model, parse_shape
-from memplan.report import fmt_bytes, write_json
+from memplan.io import write_json
+from memplan.report import fmt_bytes, parse_bytes
+from memplan.specs import default_input, load_model, parse_shape
 from passes import (
     ABSORB,
     PLACEMENTS,
@@ -32,27 +35,8 @@ from passes import (
     Student,
     aggressive_pool,
     apply_recipe,
-    attach_red,
     fit_budget,
 )
-
-_UNITS = {"": 1, "b": 1, "k": 2**10, "kib": 2**10, "kb": 10**3, "m": 2**20, "mib": 2**20, "mb": 10**6,
-          "g": 2**30, "gib": 2**30, "gb": 10**9}
-
-
-def parse_bytes(text: str) -> int:
-    """Parse a memory size: ``512KiB``, ``1.5MiB``, ``800000``, ``2MB`` (K/M/G alone are binary).
-
-    >>> parse_bytes("512KiB"), parse_bytes("1.5MiB"), parse_bytes("800,000"), parse_bytes("2 MB")
-    (524288, 1572864, 800000, 2000000)
-    """
-    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*", text.replace(",", "").replace("_", ""))
-    if not match or match.group(2).lower() not in _UNITS:
-        raise MemplanError(f"bad memory size '{text}': use bytes or a unit, e.g. 800000, 512KiB, 1.5MiB, 2MB")
-    value = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
-    if value < 1:
-        raise MemplanError(f"bad memory size '{text}': must be at least 1 byte")
-    return value
 
 
 @command("student", "derive an aggressive-pooling student: teacher vs student peak, strides, stage map, RED")
@@ -72,7 +56,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--placement", choices=PLACEMENTS, default="input+output",
                    help="RED blocks counted in the peak (--budget chooses it itself)")
     p.add_argument("--no-red", action="store_true", help="with --budget: do not count RED blocks")
-    p.add_argument("--out", metavar="DIR", help="write DIR/recipe.json and DIR/student.pt (state_dict)")
+    p.add_argument("--out", metavar="DIR", help="write a student run directory (config.yaml, recipe.json, run.json, "
+                                                "student.pt) that export and distill accept")
     p.add_argument("--json", metavar="PATH", help="write the summary as JSON ('-' = stdout)")
     p.set_defaults(func=run)
 
@@ -86,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     placement, budget = args.placement, None
     if args.budget is not None:
         budget = parse_bytes(args.budget)
-        fit = fit_budget(model, x, budget, with_red=not args.no_red, pool=args.pool)
+        fit = fit_budget(model, x, budget, None if args.no_red else REDBlock, pool=args.pool)
         student, placement = fit.student, fit.placement or placement
     elif recipe is not None:
         student = apply_recipe(model, recipe, x)
@@ -110,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
         "stage_map": student.stage_map.to_json(),
         "weights": student.transfer.summary(),
     }
-    written = _write(student, args.out) if args.out else []
+    written = _write(student, args.model, shape, args.out) if args.out else []
     if args.json != "-":
         print(_format(doc, student, written))
     if args.json:
@@ -118,15 +103,16 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write(student: Student, out: str) -> list[str]:
-    path = Path(out)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        student.recipe.save(path / "recipe.json")
-        torch.save(student.module.state_dict(), path / "student.pt")
-    except OSError as e:
-        raise MemplanError(f"cannot write to '{out}': {e}") from e
-    return [str(path / "recipe.json"), str(path / "student.pt")]
+def _write(student: Student, spec: str, shape: tuple[int, ...], out: str) -> list[str]:
+    """A ``student`` run directory (:class:`distill.run.RunDir`): what export, distill and analyze accept."""
+    run = RunDir(out)
+    with run.lock():
+        run.write_config(TrainConfig(teacher=spec, factor=student.recipe.factor, pool=student.recipe.pool,
+                                     absorb=student.recipe.absorb).to_dict())
+        run.write_recipe(student.recipe, None)
+        run.write_info("student", shape)
+        run.save("student.pt", student.module.state_dict())
+    return [str(run / name) for name in (RunDir.CONFIG, RunDir.RECIPE, RunDir.INFO, "student.pt")]
 
 
 def _peak(n: int, teacher: int) -> str:

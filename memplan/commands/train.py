@@ -1,10 +1,16 @@
 """``memplan train MODEL --data SPEC``: train a model (a teacher) with the distill trainer.
 
-Builds a :class:`distill.trainer.TrainConfig` from an optional YAML file, the flags and ``key=value``
+Builds a :class:`distill.config.TrainConfig` from an optional YAML file, the flags and ``key=value``
 overrides (any config key, later ones win), trains with a tqdm bar (on a terminal) and per-epoch
 validation and test, and prints the last-epoch test accuracy with the best-on-validation epoch
 beside it. The run directory (``--out``) holds ``config.yaml``, ``metrics.jsonl``, ``last.pt``,
-``best.pt`` and ``student.pt``; ``--resume RUN`` continues it exactly where ``last.pt`` stopped.
+``best.pt`` and ``student.pt``; ``--resume RUN`` continues it exactly where ``last.pt`` stopped. A run
+directory is locked while a process trains into it. Model specs read from a file (``--config``, a
+resumed run's ``config.yaml``) are limited to ``zoo:``/``torchvision:``/``timm:`` unless ``--trust-code``.
+
+Distributed (DDP, one process per GPU or CPU group; ``--out`` is written by rank 0)::
+
+    torchrun --nproc_per_node=2 -m memplan train zoo:resnet18_small --data cifar10:DATA --out runs/t
 
 Example:
     $ memplan train zoo:resnet10_narrow --data fashion-mnist-canvas --epochs 15 --out runs/teacher
@@ -17,10 +23,14 @@ from __future__ import annotations
 import argparse
 import logging
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from distill.trainer import ConfigError, TrainResult, load_config, train
+from distill.config import load_config
 from memplan.cli import allow_intermixed, command
 from memplan.errors import MemplanError
+
+if TYPE_CHECKING:
+    from distill.trainer import TrainResult
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,6 +42,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                                                 "student.pt)")
     p.add_argument("--config", metavar="YAML", help="base config file (TrainConfig keys)")
     p.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its last.pt")
+    p.add_argument("--trust-code", action="store_true", help="allow model specs read from files (a config, a run "
+                                                             "directory) to import code (FILE.py:fn, pkg.mod:fn)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. lr=0.05 seed=1")
     allow_intermixed(p)
 
@@ -42,14 +54,12 @@ def flag_overrides(args: argparse.Namespace) -> list[str]:
     return [f"{key}={value}" for key, value in pairs if value is not None]
 
 
-def run_training(config_path: str | None, overrides: Sequence[str]) -> TrainResult:
-    """Load the config, train, print the summary; config and data errors become one-line errors."""
+def run_training(config_path: str | None, overrides: Sequence[str], trust_code: bool = False) -> TrainResult:
+    """Load the config (file specs vetted by ``trust_code``), train, print the summary."""
+    from distill.trainer import train
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        config = load_config(config_path, overrides)
-        result = train(config)
-    except ConfigError as e:
-        raise MemplanError(str(e)) from e
+    result = train(load_config(config_path, overrides, trust_code=trust_code))
     print(summary(result))
     return result
 
@@ -81,5 +91,5 @@ def run(args: argparse.Namespace) -> int:
     if not (args.model or args.resume or args.config):
         raise MemplanError("give MODEL (e.g. zoo:resnet_tiny), --config YAML or --resume RUN")
     model = [f"model={args.model}"] if args.model else []
-    run_training(args.config, [*model, *flag_overrides(args), *overrides])
+    run_training(args.config, [*model, *flag_overrides(args), *overrides], trust_code=args.trust_code)
     return 0

@@ -28,6 +28,7 @@ Example:
 
 from memplan.zoo._registry import (
     IMAGENET_INPUT,
+    MODELS,
     UnknownModelError,
     ZooError,
     create_model,
@@ -44,6 +45,7 @@ from memplan.zoo.unet import UNet
 from memplan.zoo.vgg import VGG
 
 __all__ = [
-    "IMAGENET_INPUT", "BasicBlock", "Bottleneck", "ConvNormAct", "DDPMUNet", "DenseNet", "MobileNetV2", "MobileNetV3", "ResNet",
+    "IMAGENET_INPUT", "MODELS", "BasicBlock", "Bottleneck", "ConvNormAct", "DDPMUNet", "DenseNet", "MobileNetV2",
+    "MobileNetV3", "ResNet",
     "UNet", "UnknownModelError", "VGG", "ZooError", "create_model", "default_input", "list_models", "register_model",
 ]

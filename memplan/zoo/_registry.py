@@ -36,11 +36,11 @@ class UnknownModelError(ZooError, UnknownNameError):
         >>> create_model("resnet19")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        memplan.zoo._registry.UnknownModelError: unknown model 'resnet19'; known: densenet121, ...
+        memplan.zoo._registry.UnknownModelError: unknown zoo model 'resnet19'; known: densenet121, ...
     """
 
 
-MODELS: Registry[Callable[..., nn.Module]] = Registry("model", unknown_error=UnknownModelError)
+MODELS: Registry[Callable[..., nn.Module]] = Registry("zoo model", unknown_error=UnknownModelError)
 
 
 def register_model(fn: ModelFn | None = None, *, default_input: tuple[int, ...] = IMAGENET_INPUT) -> Any:

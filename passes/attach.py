@@ -1,20 +1,23 @@
-"""Attach ReDistill's RED blocks (docs/definitions.md §5) to a student at its stage-map points, by graph rewriting.
+"""Attach C->C blocks to a student at its stage-map points, by graph rewriting (RED: docs/definitions.md §5).
 
-The blocks stay in the deployed student, so their memory counts: the deploy-form peak of the module
-:func:`attach_red` returns is what ``fit_budget`` and ``memplan student`` report as the peak with RED.
+The pass knows nothing of the block: ``block(channels)`` builds one (``distill.red.attach_red`` passes
+ReDistill's RED block). The blocks stay in the deployed student, so their memory counts: the
+deploy-form peak of the module :func:`attach_blocks` returns is what ``fit_budget`` and
+``memplan student`` report as the peak with RED.
 
-Each block is a top-level submodule named ``red_out<stage>`` / ``red_in<stage>`` called by an fx node
-of the same name, inserted after the stage-map point (output blocks before input blocks at the same
-point) so that every later reader sees its output. The returned ``GraphModule`` still returns the
-logits; ``red_points`` lists the block node names in execution order and ``red_teachers`` the teacher
-node each one is distilled towards, so a trainer taps both with ``distill.features.FeatureTap``.
+Each block is a top-level submodule named ``<prefix>_out<stage>`` / ``<prefix>_in<stage>`` called by an
+fx node of the same name, inserted after the stage-map point (output blocks before input blocks at the
+same point) so that every later reader sees its output. The returned ``GraphModule`` still returns the
+logits; ``<prefix>_points`` lists the block node names in execution order and ``<prefix>_teachers`` the
+teacher node each one is distilled towards, so a trainer taps both with ``distill.features.FeatureTap``.
 
 Example:
     >>> import torch
+    >>> from torch import nn
     >>> from memplan.zoo import create_model
     >>> from passes.aggressive_pool import aggressive_pool
     >>> s = aggressive_pool(create_model("resnet_tiny"), torch.empty(1, 1, 28, 28), factor=4)
-    >>> red = attach_red(s.module, s.stage_map, placement="output")
+    >>> red = attach_blocks(s.module, s.stage_map, "output", lambda c: nn.Conv2d(c, c, 1))
     >>> red.red_points, red.red_teachers
     (['red_out0', 'red_out1', 'red_out2'], ['layer3_1_relu_1', 'layer3_1_relu_1', 'layer3_1_relu_1'])
     >>> red(torch.zeros(2, 1, 28, 28)).shape
@@ -24,23 +27,26 @@ Example:
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 import torch.fx as fx
 from torch import nn
 from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
-from distill.red import REDBlock
 from passes.aggressive_pool import StageMap
 from passes.downsampling import PassError
 
-__all__ = ["PLACEMENTS", "attach_red"]
+__all__ = ["PLACEMENTS", "BlockFactory", "attach_blocks"]
 
 PLACEMENTS = ("input+output", "output")
 
+BlockFactory = Callable[[int], nn.Module]
 
-def attach_red(student: nn.Module, stage_map: StageMap, placement: str = "input+output") -> fx.GraphModule:
-    """A copy of ``student`` with a :class:`~distill.red.REDBlock` at every pair ``placement`` uses.
+
+def attach_blocks(student: nn.Module, stage_map: StageMap, placement: str, block: BlockFactory,
+                  prefix: str = "red") -> fx.GraphModule:
+    """A copy of ``student`` with ``block(channels)`` at every stage-map pair ``placement`` uses.
 
     ``placement`` is ``"input+output"`` (blocks at the input and the output of each matched stage,
     ReDistill's better setting) or ``"output"``. ``student`` is a ``GraphModule`` (``Student.module``)
@@ -56,10 +62,10 @@ def attach_red(student: nn.Module, stage_map: StageMap, placement: str = "input+
     for pair in pairs:
         if pair.student not in nodes:
             raise PassError(f"the student has no node '{pair.student}' from the stage map")
-        name = f"red_{'out' if pair.position == 'output' else 'in'}{pair.stage}"
+        name = f"{prefix}_{'out' if pair.position == 'output' else 'in'}{pair.stage}"
         if hasattr(gm, name):
-            raise PassError(f"cannot attach RED block '{name}': the student already has an attribute of that name")
-        gm.add_submodule(name, REDBlock(pair.channels).to(device).train(gm.training))
+            raise PassError(f"cannot attach block '{name}': the student already has an attribute of that name")
+        gm.add_submodule(name, block(pair.channels).to(device).train(gm.training))
         src = tail.get(pair.student, nodes[pair.student])
         with gm.graph.inserting_after(src):
             red = gm.graph.call_module(name, (src,))
@@ -69,6 +75,8 @@ def attach_red(student: nn.Module, stage_map: StageMap, placement: str = "input+
         teachers.append(pair.teacher)
     gm.graph.lint()
     gm.recompile()
-    gm.meta[_USER_PRESERVED_ATTRIBUTES_KEY] = {"red_points": points, "red_teachers": teachers}
-    gm.red_points, gm.red_teachers = points, teachers
+    attrs = {f"{prefix}_points": points, f"{prefix}_teachers": teachers}
+    gm.meta[_USER_PRESERVED_ATTRIBUTES_KEY] = attrs
+    for key, value in attrs.items():
+        setattr(gm, key, value)
     return gm

@@ -49,7 +49,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -59,8 +59,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from memplan.capture import META_KEY, capture
-from memplan.errors import MemplanError
+from memplan.capture import META_KEY
+from memplan.errors import describe_error
 from memplan.io import write_text_atomic
 from passes.downsampling import (
     KIND_RULES,
@@ -68,17 +68,23 @@ from passes.downsampling import (
     DownsamplingAnalysis,
     Geometry,
     PassError,
+    Point,
     Size,
     analyze_downsampling,
     deploy_peak,
+    normalized_kwargs,
     op_kind,
     read_geometry,
+    up_kind,
     write_geometry,
 )
+from passes.graph_capture import propagate
+from passes.layout import layout_of, propagate_layout, spatial_size
 
 __all__ = [
-    "ABSORB", "POOLS", "InsertPool", "LevelStride", "Recipe", "Restride", "StageMap", "StagePair", "Student",
-    "WeightTransfer", "aggressive_pool", "apply_recipe", "build_student", "plan_student", "transfer_weights",
+    "ABSORB", "ENCDEC_PLACEMENTS", "POOLS", "TAILS", "InsertPool", "InsertTail", "LevelStride", "Recipe", "Rescale",
+    "Restride", "Site", "StageMap", "StagePair", "Student", "TailUpsample", "WeightTransfer", "aggressive_pool",
+    "apply_recipe", "build_student", "plan_student", "transfer_weights",
 ]
 
 POOLS = ("stride", "max", "avg")
@@ -86,6 +92,9 @@ ABSORB = ("stem", "latest")
 _POOL_KIND = {"max": "max_pool", "avg": "avg_pool", "stride": "max_pool"}  # stride: fallback pool kind
 _POOL_MODULES: dict[str, type[nn.Module]] = {"max_pool": nn.MaxPool2d, "avg_pool": nn.AvgPool2d}
 STEM_POOL = "stem_pool"
+TAIL = "tail"
+TAILS = ("conv_transpose", "upsample")
+ENCDEC_PLACEMENTS = ("6-site", "2-site", "all-sites")
 
 
 # ------------------------------------------------------------------------------------------ recipe
@@ -160,8 +169,150 @@ class InsertPool:
         return cls(d["after"], d["name"], d["kind"], int(d["size"]))
 
 
-Change = Restride | InsertPool
-_CHANGES: dict[str, type[Restride] | type[InsertPool]] = {c.action: c for c in (Restride, InsertPool)}
+def _fraction(value: object) -> Fraction:
+    return Fraction(str(value))
+
+
+@dataclass(frozen=True)
+class Rescale:
+    """Give one upsampling op a new factor (``new == 1`` removes an interpolation); ``size`` is the new
+    output size of an interpolation whose size is a constant."""
+
+    node: str
+    target: str
+    kind: str  # "conv_transpose" or "interpolate"
+    old: Fraction
+    new: Fraction
+    size: Size | None = None
+    action: ClassVar[str] = "rescale"
+
+    def apply(self, gm: fx.GraphModule, nodes: dict[str, fx.Node]) -> None:
+        node = _node(nodes, self.node)
+        if up_kind(gm, node) != self.kind:
+            raise PassError(f"recipe does not match the model at node '{self.node}': expected {self.kind}, "
+                            f"found {up_kind(gm, node)}")
+        if self.kind == "interpolate" and self.new == 1:
+            node.replace_all_uses_with(node.all_input_nodes[0])
+            gm.graph.erase_node(node)
+            return
+        if node.op == "call_module":
+            _rescale_module(gm.get_submodule(str(node.target)), self, node)
+            return
+        if self.kind == "conv_transpose":
+            raise PassError(f"node '{node.name}' is a functional transposed conv; only nn.ConvTranspose2d modules "
+                            "can take a new stride (their weights change shape)")
+        kw = normalized_kwargs(node)
+        for key in ("size", "output_size", "scale_factor", "scale_factors"):
+            if kw.get(key) is None:
+                continue
+            if key.startswith("scale"):
+                kw[key] = [float(self.new)] * 2 if isinstance(kw[key], (list, tuple)) else float(self.new)
+            elif self.size is not None:
+                kw[key] = list(self.size)
+        node.args, node.kwargs = (), kw
+
+    def describe(self) -> str:
+        what = "removed" if self.new == 1 and self.kind == "interpolate" else f"x{self.old} -> x{self.new}"
+        return f"{self.target} ({self.kind}): upsampling {what}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"action": self.action, "node": self.node, "target": self.target, "kind": self.kind,
+                "old": str(self.old), "new": str(self.new), "size": list(self.size) if self.size else None}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Rescale:
+        return cls(d["node"], d["target"], d["kind"], _fraction(d["old"]), _fraction(d["new"]),
+                   tuple(d["size"]) if d.get("size") else None)
+
+
+def _rescale_module(m: nn.Module, change: Rescale, node: fx.Node) -> None:
+    if isinstance(m, nn.ConvTranspose2d):
+        (k, _), (p, _), (op, _) = m.kernel_size, m.padding, m.output_padding
+        s, new = m.stride[0], int(change.new)
+        if k - 2 * p + op != s or len(set(m.kernel_size)) > 1 or len(set(m.padding)) > 1:
+            raise PassError(f"node '{node.name}' ({change.target}) upsamples with kernel {m.kernel_size}, stride "
+                            f"{m.stride}, padding {m.padding}: not an exact x{s}, so it cannot take a new stride")
+        kernel = new + 2 * p
+        m.stride, m.output_padding = (new, new), (0, 0)
+        if kernel != k:  # a new weight shape: fresh weights
+            m.kernel_size = (kernel, kernel)
+            m.weight = nn.Parameter(m.weight.new_empty((*m.weight.shape[:2], kernel, kernel)))
+            if m.weight.device.type != "meta":
+                m.reset_parameters()
+        return
+    if getattr(m, "scale_factor", None) is not None:
+        m.scale_factor = float(change.new)
+    elif change.size is not None:
+        m.size = change.size
+
+
+class TailUpsample(nn.Module):
+    """The inserted tail of an encoder-decoder student: restores the teacher's output resolution with a
+    stride-``factor`` transposed conv (``kind="conv_transpose"``) or a nearest upsample and a 3×3 conv
+    (``"upsample"``), ``channels -> channels``, fresh weights. Given a ``size`` (odd teacher sizes, where
+    the student's map is ``ceil(size / factor)``) the result is cropped to it: a view, no copy.
+
+    >>> TailUpsample(3, 2)(torch.zeros(1, 3, 5, 5)).shape
+    torch.Size([1, 3, 10, 10])
+    >>> TailUpsample(3, 2, "upsample")(torch.zeros(1, 3, 5, 5), torch.Size([1, 1, 9, 9])).shape
+    torch.Size([1, 3, 9, 9])
+    """
+
+    def __init__(self, channels: int, factor: int, kind: str = "conv_transpose") -> None:
+        super().__init__()
+        if kind not in TAILS:
+            raise PassError(f"unknown tail '{kind}' (use {', '.join(TAILS)})")
+        self.up = (nn.ConvTranspose2d(channels, channels, factor, factor) if kind == "conv_transpose" else
+                   nn.Sequential(nn.Upsample(scale_factor=factor), nn.Conv2d(channels, channels, 3, padding=1)))
+
+    def forward(self, x: torch.Tensor, size: Sequence[int] | None = None) -> torch.Tensor:
+        y = self.up(x)
+        return y if size is None else y[..., : size[-2], : size[-1]]
+
+
+@dataclass(frozen=True)
+class InsertTail:
+    """Insert a :class:`TailUpsample` ``name`` on the model output computed by ``after``."""
+
+    after: str
+    name: str
+    kind: str  # "conv_transpose" or "upsample"
+    factor: int
+    channels: int
+    ref: str | None = None  # a map of the teacher's output size, when the tail must crop to its size
+    action: ClassVar[str] = "insert_tail"
+
+    def apply(self, gm: fx.GraphModule, nodes: dict[str, fx.Node]) -> None:
+        node = _node(nodes, self.after)
+        if hasattr(gm, self.name):
+            raise PassError(f"cannot insert tail '{self.name}': the model already has an attribute of that name")
+        device = next((p.device for p in gm.parameters()), torch.device("cpu"))
+        with torch.device(device):
+            gm.add_submodule(self.name, TailUpsample(self.channels, self.factor, self.kind))
+        args: tuple[fx.Node, ...] = (node,)
+        if self.ref is not None:  # its size only: reading it at once keeps the map itself from living on
+            ref = _node(nodes, self.ref)
+            with gm.graph.inserting_after(ref):
+                args = (node, gm.graph.call_method("size", (ref,)))
+        output = next(n for n in gm.graph.nodes if n.op == "output")
+        with gm.graph.inserting_before(output):
+            tail = gm.graph.call_module(self.name, args)
+        output.replace_input_with(node, tail)
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.kind}): inserted on the output {self.after}, x{self.factor}, {self.channels} channels"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"action": self.action, "after": self.after, "name": self.name, "kind": self.kind,
+                "factor": self.factor, "channels": self.channels, "ref": self.ref}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> InsertTail:
+        return cls(d["after"], d["name"], d["kind"], int(d["factor"]), int(d["channels"]), d.get("ref"))
+
+
+Change = Restride | InsertPool | Rescale | InsertTail
+_CHANGES: dict[str, type[Change]] = {c.action: c for c in (Restride, InsertPool, Rescale, InsertTail)}
 
 
 @dataclass(frozen=True)
@@ -228,20 +379,57 @@ class StagePair:
 
 
 @dataclass(frozen=True)
+class Site:
+    """A candidate RED site of an encoder-decoder student: the input or output of its head, of an
+    encoder or decoder block, or of its tail, paired with the teacher map of equal size on the same side."""
+
+    role: str  # "head", "encoder", "decoder" or "tail"
+    block: str  # module path of the block ("" for head and tail)
+    position: str  # "input" or "output" of the block
+    student: str  # student node whose output the RED block transforms
+    teacher: str  # teacher node of equal spatial size on the same side (encoder or decoder)
+    size: Size
+    channels: int
+    teacher_channels: int
+
+    def pair(self, stage: int) -> StagePair:
+        """This site as a :class:`StagePair` numbered ``stage`` (what the RED attachment pass reads)."""
+        return StagePair(stage, self.position, self.student, self.teacher, self.size, self.channels,
+                         self.teacher_channels)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "size": list(self.size)}
+
+
+@dataclass(frozen=True)
 class StageMap:
-    """Student ↔ teacher feature points of equal spatial size, in execution order (module docstring)."""
+    """Student ↔ teacher feature points of equal spatial size, in execution order (module docstring).
+
+    Encoder-decoder students also list every candidate RED site (``sites``) and name site selections
+    (``placements``: site indices; ReDistill's ``"6-site"`` and ``"2-site"`` configs, ``"all-sites"``);
+    their ``pairs`` are the 6-site selection.
+    """
 
     pairs: tuple[StagePair, ...]
     unmatched: tuple[str, ...] = ()  # shrunk student feature points without a teacher map of equal size
+    sites: tuple[Site, ...] = ()
+    placements: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
     @property
     def outputs(self) -> tuple[StagePair, ...]:
         return tuple(p for p in self.pairs if p.position == "output")
 
+    def placement_names(self) -> tuple[str, ...]:
+        """Every placement :meth:`for_placement` accepts for this map."""
+        return ("input+output", "output", *(name for name, _ in self.placements))
+
     def for_placement(self, placement: str) -> tuple[StagePair, ...]:
-        """Pairs a RED placement uses: ``"output"`` or ``"input+output"``."""
+        """Pairs a RED placement uses: ``"output"``, ``"input+output"``, or a named site selection."""
+        named = dict(self.placements)
+        if placement in named:
+            return tuple(self.sites[i].pair(i) for i in named[placement])
         if placement not in ("output", "input+output"):
-            raise PassError(f"unknown RED placement '{placement}' (use input+output or output)")
+            raise PassError(f"unknown RED placement '{placement}' (use {', '.join(self.placement_names())})")
         return self.pairs if placement == "input+output" else self.outputs
 
     def to_json(self) -> list[dict[str, Any]]:
@@ -296,7 +484,8 @@ class Student:
 
 # ------------------------------------------------------------------------------------------ planning
 def plan_student(
-    analysis: DownsamplingAnalysis, factor: int, pool: str = "stride", absorb: str = "stem"
+    analysis: DownsamplingAnalysis, factor: int, pool: str = "stride", absorb: str = "stem",
+    tail: str = "conv_transpose",
 ) -> Recipe:
     """Decide the rewrite of a factor-``factor`` student (module docstring) without touching a model.
 
@@ -305,6 +494,10 @@ def plan_student(
     >>> a = analyze_downsampling(create_model("resnet_tiny"), torch.empty(1, 1, 28, 28))
     >>> [c.to_json()["action"] for c in plan_student(a, 4).changes]
     ['restride', 'restride', 'restride', 'restride', 'insert_pool']
+    >>> u = analyze_downsampling(create_model("unet_small"), torch.empty(1, 3, 64, 64))
+    >>> [c.describe() for c in plan_student(u, 2).changes]  # doctest: +NORMALIZE_WHITESPACE
+    ['encoders.0.0.0 (conv): stride 1 -> 2', 'pools.2 (max_pool): stride 2 -> 1, kernel 2 -> 1',
+     'upsamples.0 (conv_transpose): upsampling x2 -> x1', 'tail (conv_transpose): inserted on the output head, x2, 2 channels']
     """
     if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
         raise PassError(f"factor must be a positive integer (2, 4 or 8), got {factor!r}")
@@ -312,35 +505,37 @@ def plan_student(
         raise PassError(f"unknown pool '{pool}' (use {', '.join(POOLS)})")
     if absorb not in ABSORB:
         raise PassError(f"unknown absorb order '{absorb}' (use {', '.join(ABSORB)})")
+    if tail not in TAILS:
+        raise PassError(f"unknown tail '{tail}' (use {', '.join(TAILS)})")
     if factor == 1:
         return Recipe(analysis.model, analysis.input_shape, factor, pool, absorb, ())
     levels, stem = analysis.levels, analysis.stem
-    gain = dict.fromkeys(analysis.order, Fraction(1))
-    reads = {p.node: p.input for lv in levels for p in lv.points}
     stem_points = list(levels[stem.level].points) if stem.level is not None else []
-    insert = None
+    insert, stem_conv = None, None
     if pool == "stride" and stem_points and all(KIND_RULES[p.kind].can_grow(p.geometry) for p in stem_points):
-        entry = analysis.descendants(p.node for p in stem_points)
+        entry_nodes = [p.node for p in stem_points]
+    elif pool == "stride" and not stem_points and analysis.encoder_decoder:
+        # an encoder-decoder's full-resolution maps are what the student must avoid: the stem conv
+        # itself takes the stride (ReDistill's DDPM head, stride 2), the tail restores the size
+        stem_conv = _stem_conv_point(analysis)
+        entry_nodes = [stem_conv.node]
     else:
         name = STEM_POOL
         while name in analysis.taken_names:
             name += "_"
         insert = InsertPool(stem.end, name, _POOL_KIND[pool], factor)
-        entry = analysis.descendants(analysis.dag.successors(stem.end))
-        reads = {p: name if src == stem.end else src for p, src in reads.items()}
-        gain[name] = Fraction(factor)
-    for n in entry:
-        gain[n] *= factor
+        entry_nodes = list(analysis.dag.successors(stem.end))
+    entry = analysis.descendants(entry_nodes)
     remaining = factor
     first = stem.pools if absorb == "stem" else ()
     later = [levels[i] for i in first] + [lv for lv in reversed(levels) if lv.index not in first]
     later = [lv for lv in later if lv.index != stem.level and all(p.node in entry for p in lv.points)]
+    absorbed: dict[int, int] = {}
     for lv in later:
         if remaining == 1:
             break
         f = math.gcd(remaining, *(p.stride for p in lv.points))
-        for n in analysis.descendants(p.node for p in lv.points):
-            gain[n] /= f
+        absorbed[lv.index] = f
         remaining //= f
     if remaining > 1:
         raise AbsorbError(
@@ -350,9 +545,11 @@ def plan_student(
             f"x{factor // remaining}, so the final feature map would shrink; use a factor of at most "
             f"{factor // remaining}"
         )
+    gain = _gains(analysis, factor, set(entry_nodes) if insert is None else set(), insert, entry, absorbed)
+    read = _reader(gain, factor, insert)
     changes: list[Change] = []
-    for p in (p for lv in levels for p in lv.points):
-        new = p.stride * gain[p.node] / gain[reads[p.node]]
+    for p in [*([stem_conv] if stem_conv else []), *(p for lv in levels for p in lv.points)]:
+        new = p.stride * gain[p.node] / read(p.input)
         if new.denominator != 1 or new < 1:
             raise PassError(f"factor {factor} would give {p.target} a stride of {new}; "
                             "its branches downsample too differently to absorb the factor")
@@ -360,7 +557,131 @@ def plan_student(
             changes.append(Restride(p.node, p.target, p.kind, p.geometry,
                                     KIND_RULES[p.kind].restride(p.geometry, int(new))))
     changes += [insert] if insert else []
+    changes += _rescales(analysis, gain, read)
+    changes += _tails(analysis, gain, tail)
     return Recipe(analysis.model, analysis.input_shape, factor, pool, absorb, tuple(changes))
+
+
+def _stem_conv_point(analysis: DownsamplingAnalysis) -> Point:
+    gm, name = analysis.captured.gm, analysis.stem.conv
+    node = next(n for n in gm.graph.nodes if n.name == name)
+    src = next(a.name for a in node.all_input_nodes if a.name in analysis.sizes)
+    target = str(node.target) if node.op == "call_module" else (analysis.modules.get(name) or name)
+    return Point(name, target, "conv", read_geometry(gm, node), src, analysis.sizes[src], analysis.sizes[name])
+
+
+def _reader(gain: dict[str, Fraction | None], factor: int, insert: InsertPool | None) -> Callable[[str], Fraction]:
+    """Gain of a node as its readers see it (through an inserted stem pool)."""
+    def read(name: str) -> Fraction:
+        g = gain[name]
+        return g * factor if insert is not None and name == insert.after else g
+    return read
+
+
+def _gains(
+    analysis: DownsamplingAnalysis, factor: int, stem_nodes: set[str], insert: InsertPool | None,
+    entry: set[str], absorbed: dict[int, int],
+) -> dict[str, Fraction | None]:
+    """Per node, how many times smaller (per side) the student's map is than the teacher's.
+
+    In execution order: the model input has gain 1; the stem multiplies it by ``factor``; an absorbing
+    level divides it by its share; every other op keeps the gain of its inputs, which must agree (else
+    a join would meet two resolutions: refused naming the node). A region (equal-resolution part of
+    the teacher, :mod:`passes.downsampling`) has one gain, fixed where the student first enters it
+    behind the stem; a resampling point entering it later (a decoder's upsampling meeting its skip, a
+    fusion branch) takes whatever factor reaches that gain: coupled points change together. An
+    upsampling point that opens a new region lands on the gain the encoder had at that resolution.
+    Maps that do not follow the resolution (global pools and what they feed) have gain None.
+    """
+    gm = analysis.captured.gm
+    level_of = {p.node: lv.index for lv in analysis.levels for p in lv.points}
+    point_input = {p.node: p.input for lv in analysis.levels for p in lv.points}
+    ups = {u.node: u for u in analysis.ups}
+    gain: dict[str, Fraction | None] = {}
+    region_gain: dict[int, Fraction] = {}
+    res_gain: dict[Size, Fraction] = {}
+    read = _reader(gain, factor, insert)
+    for node in gm.graph.nodes:
+        name = node.name
+        ins = [a.name for a in node.all_input_nodes if gain.get(a.name) is not None]
+        region = analysis.region.get(name)
+        if node.op == "placeholder":
+            gain[name] = Fraction(1) if name in analysis.sizes else None
+            continue
+        meta = node.meta.get(META_KEY)
+        if node.op in ("get_attr", "output") or name in analysis.globals or not ins or not (meta and meta.outputs):
+            gain[name] = None
+            continue
+        if name in stem_nodes:
+            g = read(ins[0]) * factor
+        elif name in level_of or name in ups:
+            src = read(ins[0]) if name in ups else read(point_input[name])
+            if region in region_gain:
+                g = region_gain[region]
+            elif name in level_of:
+                g = src / absorbed.get(level_of[name], 1)
+            else:
+                g = res_gain.get(analysis.sizes[name], src)
+        else:
+            seen = {read(a) for a in ins}
+            if len(seen) > 1 and name in analysis.sizes:
+                parts = ", ".join(f"'{a}' 1/{read(a)}" for a in ins)
+                raise PassError(
+                    f"node '{name}' joins maps that the factor-{factor} student cannot keep at one resolution "
+                    f"({parts} of the teacher's size): no down- or upsampling between them can absorb the change"
+                )
+            g = read(ins[0])
+        gain[name] = g
+        if name in entry and region is not None and name in analysis.sizes:
+            region_gain.setdefault(region, g)
+            res_gain.setdefault(analysis.sizes[name], g)
+    return gain
+
+
+def _rescales(
+    analysis: DownsamplingAnalysis, gain: dict[str, Fraction | None], read: Callable[[str], Fraction]
+) -> list[Change]:
+    changes: list[Change] = []
+    for u in analysis.ups:
+        new = u.factor * read(u.input) / gain[u.node]
+        if u.follows:
+            continue
+        if new <= 0 or (u.kind == "conv_transpose" and new.denominator != 1):
+            raise PassError(f"node '{u.node}' ({u.target}) would have to upsample x{new} for its output to meet "
+                            "the maps it joins; the student cannot keep this decoder's skips matched")
+        if new != u.factor:
+            size = None
+            if u.kind == "interpolate":
+                size = tuple(math.ceil(s / gain[u.node]) for s in u.out_size)
+            changes.append(Rescale(u.node, u.target, u.kind, u.factor, new, size))
+    return changes
+
+
+def _tails(analysis: DownsamplingAnalysis, gain: dict[str, Fraction | None], kind: str) -> list[Change]:
+    """A tail per model output whose map the student left smaller than the teacher's."""
+    gm = analysis.captured.gm
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    changes: list[Change] = []
+    for node in dict.fromkeys(output.all_input_nodes):
+        g = gain.get(node.name)
+        if g is None or g == 1:
+            continue
+        if g.denominator != 1 or g < 1 or node.name not in analysis.channels:
+            raise PassError(f"the student's output '{node.name}' is x{g} the teacher's size per side; only an "
+                            "(N, C, H, W) output smaller by an integer factor can be restored by a tail")
+        name = TAIL
+        while name in analysis.taken_names or any(isinstance(c, InsertTail) and c.name == name for c in changes):
+            name += "_"
+        size = analysis.sizes[node.name]
+        student = tuple(math.ceil(s / g) for s in size)
+        ref = None
+        if tuple(s * int(g) for s in student) != size:  # odd sizes: crop to a map of the teacher's output size
+            ref = next((n for n, gn in gain.items() if gn == 1 and analysis.sizes.get(n) == size), None)
+            if ref is None:
+                raise PassError(f"the student's output '{node.name}' would be {student} x{g}, not the teacher's "
+                                f"{size}, and no map of that size is left to crop it to")
+        changes.append(InsertTail(node.name, name, kind, int(g), analysis.channels[node.name], ref))
+    return changes
 
 
 # ------------------------------------------------------------------------------------------ building
@@ -401,8 +722,9 @@ def build_student(
 ) -> Student:
     """Apply ``recipe`` to a copy of ``model`` (analysed as ``analysis``) and verify the result."""
     inputs = _example(example_inputs)
-    root = copy.deepcopy(model)
-    gm = fx.GraphModule(root, fx.Tracer().trace(root), class_name=analysis.model)
+    gm = copy.deepcopy(analysis.captured.gm)
+    for n in gm.graph.nodes:
+        n.meta.pop(META_KEY, None)
     nodes = {n.name: n for n in gm.graph.nodes}
     _unshare_modules(gm, recipe.changes)
     for change in recipe.changes:
@@ -411,9 +733,11 @@ def build_student(
     gm.recompile()
     gm.eval()
     try:
-        check = capture(gm, inputs, method="fx")
-    except MemplanError as e:
-        raise PassError(f"the factor-{recipe.factor} student of {analysis.model} does not run: {e}") from e
+        check = propagate(gm, inputs, analysis.method)
+    except Exception as e:  # noqa: BLE001 - a rewritten graph can fail anywhere; one line
+        raise PassError(f"the factor-{recipe.factor} student of {analysis.model} does not run: "
+                        f"{describe_error(e)}") from e
+    propagate_layout(check.gm)
     meta = {n.name: n.meta[META_KEY] for n in check.gm.graph.nodes if META_KEY in n.meta}
     out_shapes = tuple(t.shape for t in meta[next(n.name for n in check.gm.graph.nodes if n.op == "output")].outputs)
     if out_shapes != analysis.output_shapes:
@@ -421,10 +745,14 @@ def build_student(
                         f"the teacher {list(analysis.output_shapes)}; the rewrite would change the classifier")
     gm.train(model.training)
     inserted = next((c for c in recipe.changes if isinstance(c, InsertPool)), None)
+    if analysis.encoder_decoder:
+        stage_map = _encdec_stage_map(analysis, check.gm, recipe)
+    else:
+        stage_map = _stage_map(analysis, meta, [n.name for n in gm.graph.nodes], inserted)
     return Student(
         module=gm,
         recipe=recipe,
-        stage_map=_stage_map(analysis, meta, [n.name for n in gm.graph.nodes], inserted),
+        stage_map=stage_map,
         strides=_strides(analysis, recipe, inserted),
         transfer=transfer_weights(model, gm),
         peak_bytes=deploy_peak(check),
@@ -435,6 +763,9 @@ def _strides(analysis: DownsamplingAnalysis, recipe: Recipe, inserted: InsertPoo
     new = {c.node: c.new.stride for c in recipe.changes if isinstance(c, Restride)}
     rows = [LevelStride(lv.label, lv.stride, max(new.get(p.node, p.stride) for p in lv.points))
             for lv in analysis.levels]
+    if analysis.stem.conv in new and analysis.stem.level is None:  # an encoder-decoder's stride-1 stem conv
+        rows.insert(0, LevelStride(analysis.modules.get(analysis.stem.conv) or analysis.stem.conv, 1,
+                                   new[analysis.stem.conv]))
     if inserted is not None:
         stem = analysis.stem.level
         rows.insert(0 if stem is None else stem + 1, LevelStride(inserted.name, 1, inserted.size))
@@ -470,6 +801,108 @@ def _stage_map(
             pairs.append(pair(stage, "input", points[stage - 1]))
     pairs.sort(key=lambda p: (position[p.student], p.position != "output"))
     return StageMap(tuple(pairs), tuple(unmatched))
+
+
+def _blocks(
+    gm: fx.GraphModule, sizes: dict[str, Size], nchw: set[str], keep: Callable[[str], bool]
+) -> list[tuple[str, str, str]]:
+    """``(module path, input node, output node)`` of the blocks of a graph, in execution order: maximal
+    module calls of two or more ops at one resolution that read one (N, C, H, W) map and give one, whose
+    nodes all satisfy ``keep``."""
+    calls = [n for n in gm.graph.nodes if n.op in ("call_module", "call_function", "call_method")]
+    members: dict[str, list[fx.Node]] = {}
+    for n in calls:
+        meta = n.meta.get(META_KEY)
+        parts = meta.module.split(".") if meta is not None and meta.module else []
+        for i in range(1, len(parts) + 1):
+            members.setdefault(".".join(parts[:i]), []).append(n)
+    found: list[tuple[str, str, str]] = []
+    for path, nodes in members.items():
+        inside = {n.name for n in nodes}
+        spatial = [n for n in nodes if n.name in sizes]
+        if len(nodes) < 2 or not spatial or len({sizes[n.name] for n in spatial}) > 1 or not all(keep(n.name) for n in nodes):
+            continue
+        reads = {a.name for n in nodes for a in n.all_input_nodes if a.name not in inside and a.name in sizes}
+        gives = {n.name for n in nodes if any(u.name not in inside for u in n.users)}
+        if len(reads) == 1 and len(gives) == 1 and reads <= nchw and gives <= nchw:
+            found.append((path, reads.pop(), gives.pop()))
+    paths = [f[0] for f in found]
+    order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+    maximal = [f for f in found if not any(f[0].startswith(q + ".") for q in paths)]
+    return sorted(maximal, key=lambda f: order[f[2]])
+
+
+def _encdec_stage_map(analysis: DownsamplingAnalysis, student: fx.GraphModule, recipe: Recipe) -> StageMap:
+    """Candidate RED sites of an encoder-decoder student (see :class:`StageMap`): head output, input and
+    output of every encoder and decoder block left smaller than the teacher's, tail input; each paired
+    with the teacher's last map of equal size on the same side (decoder = computed from an upsampling)."""
+    nodes = {n.name: n for n in student.graph.nodes}
+    ssize = {n: s for n, node in nodes.items() if (s := spatial_size(node)) is not None}
+    nchw = {n for n, node in nodes.items() if (lay := layout_of(node)) is not None and lay.nchw}
+    decoder = analysis.descendants(u.node for u in analysis.ups)
+    tsizes, tchannels = analysis.sizes, analysis.channels
+    shrunk = {n for n in ssize if n in tsizes and ssize[n] != tsizes[n] and n in nchw}
+    inserted = {c.name for c in recipe.changes if isinstance(c, (InsertPool, InsertTail))}
+    head = next((c.name for c in recipe.changes if isinstance(c, InsertPool)), analysis.stem.end)
+    tail = next((c for c in recipe.changes if isinstance(c, InsertTail)), None)
+    last = _tail_conv(student, nodes[tail.after]) if tail is not None else None
+    tail_in = next((a.name for a in last.all_input_nodes if a.name in ssize), None) if last is not None else None
+    stem_conv, last_conv = analysis.stem.conv, last.name if last is not None else None
+
+    def keep(name: str) -> bool:
+        return name not in inserted and name not in (stem_conv, last_conv) and (name in shrunk or name not in ssize)
+
+    blocks = _blocks(student, ssize, nchw, keep)
+    teacher_gm = analysis.captured.gm
+    tblocks = _blocks(teacher_gm, tsizes, set(tchannels), lambda name: True)
+    teacher_maps = [n for b in tblocks for n in (b[1], b[2])] + list(tchannels)
+    teacher_at: dict[tuple[bool, Size], str] = {}
+    for name in sorted(set(teacher_maps), key=analysis.order.__getitem__):  # the last one of a size wins
+        teacher_at[(name in decoder, tsizes[name])] = name
+
+    sites: list[Site] = []
+    unmatched: list[str] = []
+
+    def add(role: str, block: str, position: str, name: str | None, side: bool) -> int | None:
+        if name is None or name not in shrunk and name not in inserted:
+            return None
+        teacher = teacher_at.get((side, ssize[name])) or teacher_at.get((not side, ssize[name]))
+        if teacher is None:
+            unmatched.append(name)
+            return None
+        sites.append(Site(role, block, position, name, teacher, ssize[name],
+                          nodes[name].meta[META_KEY].outputs[0].shape[1], tchannels[teacher]))
+        return len(sites) - 1
+
+    head_i = add("head", "", "output", head, False)
+    enc, dec = [], []
+    for path, src, out in blocks:
+        side = out in decoder
+        pair = (add("decoder" if side else "encoder", path, "input", src, side),
+                add("decoder" if side else "encoder", path, "output", out, side))
+        (dec if side else enc).append(pair)
+    tail_i = add("tail", "", "input", tail_in, True)
+    six = [head_i, *(enc[0][:1] if enc else ()), *(enc[min(1, len(enc) - 1)][1:] if enc else ()),
+           *(dec[max(-2, -len(dec))][:1] if dec else ()), *(dec[-1][1:] if dec else ()), tail_i]
+    placements = (("6-site", _indices(six)), ("2-site", _indices([head_i, tail_i])),
+                  ("all-sites", tuple(range(len(sites)))))
+    stage_map = StageMap((), tuple(unmatched), tuple(sites), placements)
+    return StageMap(stage_map.for_placement("6-site"), tuple(unmatched), tuple(sites), placements)
+
+
+def _indices(found: Sequence[int | None]) -> tuple[int, ...]:
+    return tuple(dict.fromkeys(i for i in found if i is not None))
+
+
+def _tail_conv(gm: fx.GraphModule, out: fx.Node) -> fx.Node | None:
+    """The last conv on the way to the model output ``out``: the student's tail reads its input."""
+    cur = out
+    while cur is not None:
+        if op_kind(gm, cur) == "conv" or up_kind(gm, cur) == "conv_transpose":
+            return cur
+        ins = [a for a in cur.all_input_nodes if spatial_size(a) is not None]
+        cur = ins[0] if len(ins) == 1 else None
+    return None
 
 
 def transfer_weights(teacher: nn.Module, student: nn.Module) -> WeightTransfer:

@@ -1,7 +1,7 @@
 """Downsampling analysis (docs/definitions.md §4): where a CNN's spatial size drops, and which drops are coupled.
 
-Works on the traced ``torch.fx`` graph with fake-tensor shapes (:func:`memplan.capture.capture`), never
-on architecture names.
+Works on the captured graph with fake-tensor shapes, never on architecture names: torch.fx when the
+model traces, else torch.export with symbolic sizes (:mod:`passes.graph_capture`).
 
 - A **downsampling point** is a conv or a max/avg pool (module or functional) with stride > 1 whose
   output is spatially smaller than its input. Global pools (adaptive pools, or a pool down to 1×1)
@@ -11,6 +11,12 @@ on architecture names.
   shortcut meet at the add, the strided branches of a concat meet at the cat — and form one
   **level**: they change together. Levels are ordered by execution. A level's **exit** (the last node
   of its region) is the output of that stage: a feature point for the stage map.
+- Spatial sizes come from :mod:`passes.layout`: a permuted (channels-last), grouped or reduced view
+  of a map keeps its height and width, so layout ops are never mistaken for resampling.
+- An **upsampling point** is a transposed conv or an interpolation (module, function or ATen op)
+  whose output is larger than its input. Encoder-decoders (UNets) have them; every other op that
+  enlarges a map by 2x or more is refused. Ops that change a size by less than 2x (a pad to a skip's
+  odd size, a valid conv) keep their nodes in one region.
 - The **stem** is the first conv, the pointwise chain after it (BN, activations) and the pools chained
   directly behind it. Its first downsampling point is the stem level (``None`` for a stride-1 stem);
   later pools of the chain are the stem pools (ResNet's maxpool).
@@ -36,6 +42,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 import networkx as nx
 import torch
@@ -45,13 +52,16 @@ from torch import nn
 from torch.fx.operator_schemas import normalize_function
 
 from memplan.analyze import report_from_graph
-from memplan.capture import META_KEY, CapturedGraph, capture
-from memplan.errors import MemplanError
+from memplan.capture import META_KEY, CapturedGraph
+from memplan.errors import MemplanError, describe_error
 from memplan.graph import build_graph
+from passes.graph_capture import capture_rewritable
+from passes.layout import layout_of, propagate_layout, spatial_size
 
 __all__ = [
-    "KIND_RULES", "AbsorbError", "DownsamplingAnalysis", "Geometry", "KindRule", "Level", "PassError", "Point",
-    "Stem", "analyze_downsampling", "deploy_peak", "op_kind", "read_geometry", "write_geometry",
+    "KIND_RULES", "UP_KINDS", "AbsorbError", "DownsamplingAnalysis", "Geometry", "KindRule", "Level", "PassError",
+    "Point", "Stem", "UpPoint", "analyze_downsampling", "deploy_peak", "op_kind", "read_geometry", "up_kind",
+    "write_geometry",
 ]
 
 Size = tuple[int, int]
@@ -108,7 +118,21 @@ KIND_RULES: dict[str, KindRule] = {
 _MODULE_KINDS: tuple[tuple[type[nn.Module], str], ...] = (
     (nn.Conv2d, "conv"), (nn.MaxPool2d, "max_pool"), (nn.AvgPool2d, "avg_pool"),
 )
-_FUNCTION_KINDS = {F.conv2d: "conv", F.max_pool2d: "max_pool", torch.max_pool2d: "max_pool", F.avg_pool2d: "avg_pool"}
+_ATEN = torch.ops.aten
+_FUNCTION_KINDS = {
+    F.conv2d: "conv", F.max_pool2d: "max_pool", torch.max_pool2d: "max_pool", F.avg_pool2d: "avg_pool",
+    _ATEN.conv2d.default: "conv", _ATEN.conv2d.padding: "conv", _ATEN.max_pool2d.default: "max_pool",
+    _ATEN.max_pool2d_with_indices.default: "max_pool", _ATEN.avg_pool2d.default: "avg_pool",
+}
+UP_KINDS = ("conv_transpose", "interpolate")
+_UP_MODULE_KINDS: tuple[tuple[type[nn.Module], str], ...] = (
+    (nn.ConvTranspose2d, "conv_transpose"), (nn.Upsample, "interpolate"),
+)
+_UP_FUNCTION_KINDS = {
+    F.conv_transpose2d: "conv_transpose", _ATEN.conv_transpose2d.input: "conv_transpose",
+    F.interpolate: "interpolate", _ATEN.upsample_nearest2d.vec: "interpolate",
+    _ATEN.upsample_bilinear2d.vec: "interpolate", _ATEN.upsample_bicubic2d.vec: "interpolate",
+}
 
 
 def _square(value: int | Sequence[int], node: fx.Node, what: str) -> int:
@@ -136,6 +160,8 @@ class _ModuleAccess:
         m = gm.get_submodule(str(node.target))
         m.kernel_size = _like(m.kernel_size, g.kernel)
         m.stride = _like(m.stride, g.stride)
+        if getattr(m, "padding", None) == "same" and g.stride > 1:  # torch refuses "same" with a stride
+            m.padding = _like(m.stride, _same_padding(g.kernel, m.dilation, node))
 
 
 class _FunctionAccess:
@@ -143,10 +169,7 @@ class _FunctionAccess:
 
     @staticmethod
     def _kwargs(node: fx.Node) -> dict:
-        pair = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True)
-        if pair is None:
-            raise PassError(f"cannot read the arguments of node '{node.name}' ({node.target})")
-        return dict(pair.kwargs)
+        return normalized_kwargs(node)
 
     @classmethod
     def read(cls, gm: fx.GraphModule, node: fx.Node) -> Geometry:
@@ -163,10 +186,38 @@ class _FunctionAccess:
     @classmethod
     def write(cls, gm: fx.GraphModule, node: fx.Node, g: Geometry) -> None:
         kw = cls._kwargs(node)
-        kw["stride"] = g.stride
+        listed = isinstance(node.target, torch._ops.OpOverload)  # ATen schemas take int lists
+        kw["stride"] = [g.stride] * 2 if listed else g.stride
         if "kernel_size" in kw:
-            kw["kernel_size"] = g.kernel
+            kw["kernel_size"] = [g.kernel] * 2 if listed else g.kernel
+        elif kw.get("padding") == "same" and g.stride > 1:  # torch refuses "same" with a stride
+            kw["padding"] = _same_padding(g.kernel, kw.get("dilation", 1), node)
+            if isinstance(node.target, torch._ops.OpOverload):
+                node.target = _ATEN.conv2d.default
         node.args, node.kwargs = (), kw
+
+
+def _same_padding(kernel: int, dilation: int | Sequence[int], node: fx.Node) -> int:
+    if kernel % 2 == 0:
+        raise PassError(f"node '{node.name}' pads 'same' with an even kernel {kernel}; it cannot take a stride")
+    return (kernel - 1) // 2 * _square(dilation, node, "dilation")
+
+
+def normalized_kwargs(node: fx.Node) -> dict:
+    """The arguments of a function node by name; overloads that only the argument types tell apart
+    (``conv2d`` with ``padding="same"``) are resolved from the values' types. One-line :class:`PassError`."""
+    def kind(v: object) -> type:
+        return torch.Tensor if isinstance(v, fx.Node) else type(v)
+
+    for types in (None, (tuple(kind(a) for a in node.args), {k: kind(v) for k, v in node.kwargs.items()})):
+        try:
+            pair = normalize_function(node.target, node.args, node.kwargs, *(types or ()),
+                                      normalize_to_only_use_kwargs=True)
+        except Exception:  # noqa: BLE001 - an ambiguous schema match raises; try with types
+            pair = None
+        if pair is not None:
+            return dict(pair.kwargs)
+    raise PassError(f"cannot read the arguments of node '{node.name}' ({getattr(node.target, '__name__', node.target)})")
 
 
 _ACCESS = {"call_module": _ModuleAccess, "call_function": _FunctionAccess}
@@ -187,6 +238,16 @@ def op_kind(gm: fx.GraphModule, node: fx.Node) -> str | None:
         return next((k for t, k in _MODULE_KINDS if isinstance(m, t)), None)
     if node.op == "call_function":
         return _FUNCTION_KINDS.get(node.target)
+    return None
+
+
+def up_kind(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """``"conv_transpose"`` or ``"interpolate"`` for a node that can upsample, else None."""
+    if node.op == "call_module":
+        m = gm.get_submodule(str(node.target))
+        return next((k for t, k in _UP_MODULE_KINDS if isinstance(m, t)), None)
+    if node.op == "call_function":
+        return _UP_FUNCTION_KINDS.get(node.target)
     return None
 
 
@@ -216,6 +277,20 @@ class Point:
     @property
     def stride(self) -> int:
         return self.geometry.stride
+
+
+@dataclass(frozen=True)
+class UpPoint:
+    """One upsampling op of the teacher (a transposed conv or an interpolation)."""
+
+    node: str
+    target: str
+    kind: str  # "conv_transpose" or "interpolate"
+    factor: Fraction  # teacher's upsampling factor per side (stride, scale, or output/input size)
+    input: str
+    in_size: Size
+    out_size: Size
+    follows: bool  # the output size is read from another tensor at run time (``size=skip.shape[2:]``)
 
 
 @dataclass(frozen=True)
@@ -252,14 +327,27 @@ class DownsamplingAnalysis:
     levels: tuple[Level, ...]
     stem: Stem
     input_exit: str  # last node of the input region (before the first level)
-    sizes: dict[str, Size]  # spatial size of every node with a 4-d output
-    channels: dict[str, int]
+    sizes: dict[str, Size]  # spatial size of every node whose output is a spatial map (passes.layout)
+    channels: dict[str, int]  # channels of every (N, C, H, W) map
     modules: dict[str, str]  # node name -> module path that ran it
     order: dict[str, int]  # node name -> execution index
     output_shapes: tuple[tuple[int, ...], ...]
     taken_names: frozenset[str]  # attribute names of the model (an inserted pool must avoid them)
     captured: CapturedGraph = field(repr=False)
     dag: nx.DiGraph = field(repr=False)
+    ups: tuple[UpPoint, ...] = ()  # upsampling points in execution order (encoder-decoders)
+    region: dict[str, int] = field(default_factory=dict)  # node -> region (connected equal-resolution part)
+    globals: frozenset[str] = frozenset()  # nodes whose maps do not follow the input resolution (global pools)
+
+    @property
+    def method(self) -> str:
+        """How the graph was captured: ``"fx"`` or ``"export"``."""
+        return self.captured.method
+
+    @property
+    def encoder_decoder(self) -> bool:
+        """Whether the network upsamples again (skip-connected encoder-decoder, FPN...)."""
+        return bool(self.ups)
 
     @property
     def peak_bytes(self) -> int:
@@ -277,7 +365,8 @@ class DownsamplingAnalysis:
     def feature_points(self) -> list[str]:
         """Stage outputs in execution order: the exits of the input region and of every level."""
         names = {self.input_exit, *(lv.exit for lv in self.levels)}
-        return sorted((n for n in names if self.dag.nodes[n].get("op") != "placeholder"), key=self.order.__getitem__)
+        return sorted((n for n in names if self.dag.nodes[n].get("op") != "placeholder" and n in self.channels),
+                      key=self.order.__getitem__)
 
 
 def deploy_peak(captured: CapturedGraph) -> int:
@@ -286,10 +375,7 @@ def deploy_peak(captured: CapturedGraph) -> int:
 
 
 def _size(node: fx.Node) -> Size | None:
-    meta = node.meta.get(META_KEY)
-    if meta is None or not meta.outputs or len(meta.outputs[0].shape) != 4:
-        return None
-    return tuple(meta.outputs[0].shape[2:])
+    return spatial_size(node)
 
 
 def _is_global(gm: fx.GraphModule, node: fx.Node, out: Size) -> bool:
@@ -298,6 +384,20 @@ def _is_global(gm: fx.GraphModule, node: fx.Node, out: Size) -> bool:
         return True
     name = type(gm.get_submodule(str(node.target))).__name__ if node.op == "call_module" else str(node.target)
     return "adaptive" in name.lower()
+
+
+def _up_factor(gm: fx.GraphModule, node: fx.Node, kind: str, src: Size, out: Size) -> tuple[Fraction, bool]:
+    """The teacher's upsampling factor of an up point, and whether its output size follows a tensor."""
+    if kind == "conv_transpose":
+        if node.op == "call_module":
+            return Fraction(_square(gm.get_submodule(str(node.target)).stride, node, "stride")), False
+        return Fraction(_square(normalized_kwargs(node).get("stride", 1), node, "stride")), False
+    if node.op == "call_module":
+        return Fraction(out[0], src[0]), False
+    kw = normalized_kwargs(node)
+    size = kw.get("size", kw.get("output_size"))
+    follows = size is not None and any(isinstance(v, fx.Node) for v in torch.utils._pytree.tree_leaves(size))
+    return Fraction(out[0], src[0]), follows
 
 
 def _label(targets: Sequence[str], fallback: str) -> str:
@@ -318,17 +418,20 @@ def analyze_downsampling(
     was_training = model.training
     model.eval()
     try:
-        captured = capture(model, inputs, method="fx")
+        captured = capture_rewritable(model, inputs)
     except MemplanError as e:
-        raise PassError(f"aggressive pooling needs a torch.fx-traceable model: {e}") from e
+        raise PassError(f"aggressive pooling cannot capture the model: {e}") from e
+    except Exception as e:  # noqa: BLE001 - shape propagation of a user model can fail in any way
+        raise PassError(f"aggressive pooling cannot run {type(model).__name__} on fake tensors: {describe_error(e)}") from e
     finally:
         model.train(was_training)
     gm = captured.gm
+    propagate_layout(gm)
     nodes = [n for n in gm.graph.nodes if n.op != "get_attr"]
     sizes = {n.name: s for n in nodes if n.op != "output" and (s := _size(n)) is not None}
     if not any(n.op == "placeholder" and n.name in sizes for n in nodes):
         raise PassError(f"{type(model).__name__} takes no 4-d (N, C, H, W) input; aggressive pooling needs an image model")
-    points, regions = _points_and_regions(gm, nodes, sizes)
+    points, ups, regions, global_nodes = _points_and_regions(gm, nodes, sizes)
     component = {name: i for i, comp in enumerate(nx.connected_components(regions)) for name in comp}
     members: dict[int, list[str]] = {}
     for name, c in component.items():
@@ -355,52 +458,73 @@ def analyze_downsampling(
         stem=_stem(gm, nodes, sizes, levels),
         input_exit=exit_of(members[component[placeholder]]),
         sizes=sizes,
-        channels={n.name: n.meta[META_KEY].outputs[0].shape[1] for n in nodes if n.name in sizes},
+        channels={n.name: n.meta[META_KEY].outputs[0].shape[1] for n in nodes
+                  if n.name in sizes and (lay := layout_of(n)) is not None and lay.nchw},
         modules={n.name: n.meta[META_KEY].module for n in nodes if META_KEY in n.meta},
         order=order,
         output_shapes=tuple(t.shape for t in output.meta[META_KEY].outputs),
         taken_names=frozenset(dir(model)),
         captured=captured,
         dag=dag,
+        ups=tuple(ups),
+        region=component,
+        globals=frozenset(global_nodes),
     )
 
 
 def _points_and_regions(
     gm: fx.GraphModule, nodes: list[fx.Node], sizes: dict[str, Size]
-) -> tuple[list[Point], nx.Graph]:
-    """Downsampling points, and the graph whose connected components are the regions."""
+) -> tuple[list[Point], list[UpPoint], nx.Graph, set[str]]:
+    """Down- and upsampling points, the graph whose connected components are the regions, and the
+    nodes whose maps do not follow the input resolution (global pools and what is computed from them)."""
     points: list[Point] = []
+    ups: list[UpPoint] = []
     regions = nx.Graph()
     regions.add_nodes_from(sizes)
+    global_nodes: set[str] = set()
     for n in nodes:
         if n.op not in _CALLS or n.name not in sizes:
             continue
-        ins = [a for a in n.all_input_nodes if a.name in sizes]
+        ins = [a for a in n.all_input_nodes if a.name in sizes and a.name not in global_nodes]
         if not ins:
+            if any(a.name in global_nodes for a in n.all_input_nodes):
+                global_nodes.add(n.name)
             continue
         out, src = sizes[n.name], max((sizes[a.name] for a in ins), key=lambda s: s[0] * s[1])
-        kind = op_kind(gm, n)
+        kind, up = op_kind(gm, n), up_kind(gm, n)
         shrinks = out[0] < src[0] or out[1] < src[1]
+        grows = out[0] > src[0] or out[1] > src[1]
+        target = str(n.target) if n.op == "call_module" else (n.meta[META_KEY].module or n.name)
         if kind is not None and shrinks and not (kind != "conv" and out == (1, 1)):
             g = read_geometry(gm, n)
             if g.stride > 1:
-                target = str(n.target) if n.op == "call_module" else (n.meta[META_KEY].module or n.name)
                 points.append(Point(n.name, target, kind, g, ins[0].name, sizes[ins[0].name], out))
                 continue
-        if kind is None and not _is_global(gm, n, out):
+        if up is not None and grows:
+            factor, follows = _up_factor(gm, n, up, sizes[ins[0].name], out)
+            if factor > 1 or follows:
+                ups.append(UpPoint(n.name, target, up, factor, ins[0].name, sizes[ins[0].name], out, follows))
+                continue
+        if kind is None and up is None and _is_global(gm, n, out):
+            global_nodes.add(n.name)
+            continue
+        if kind is None:
             what = f"'{n.name}' ({type(gm.get_submodule(str(n.target))).__name__ if n.op == 'call_module' else n.target})"
-            if out[0] > src[0] or out[1] > src[1]:
+            if out[0] >= 2 * src[0] or out[1] >= 2 * src[1]:
                 raise PassError(
-                    f"node {what} upsamples {src[0]}x{src[1]} -> {out[0]}x{out[1]}; aggressive pooling needs a "
-                    "network whose spatial size only shrinks (a classification backbone, not a decoder)"
+                    f"node {what} upsamples {src[0]}x{src[1]} -> {out[0]}x{out[1]} but is not a transposed conv "
+                    "or an interpolation; aggressive pooling cannot re-scale it"
                 )
             if 2 * out[0] <= src[0] or 2 * out[1] <= src[1]:
                 raise PassError(
                     f"node {what} downsamples {src[0]}x{src[1]} -> {out[0]}x{out[1]} but is not a conv, "
                     "max-pool or avg-pool; aggressive pooling cannot re-stride it"
                 )
-        regions.add_edges_from((a.name, n.name) for a in ins if sizes[a.name] == out)
-    return points, regions
+        # equal sizes, or a size adjusted by less than 2x (a pad to an odd skip size): one region
+        regions.add_edges_from((a.name, n.name) for a in ins
+                               if 2 * sizes[a.name][0] > out[0] and 2 * out[0] > sizes[a.name][0]
+                               and 2 * sizes[a.name][1] > out[1] and 2 * out[1] > sizes[a.name][1])
+    return points, ups, regions, global_nodes
 
 
 def _exit_rule(

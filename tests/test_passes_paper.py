@@ -11,7 +11,7 @@ from distill.features import FeatureTap
 from distill.red import REDBlock, attach_red
 from memplan.analyze import analyze
 from memplan.zoo import create_model
-from passes import AbsorbError, BudgetError, PassError, aggressive_pool, fit_budget
+from passes import AbsorbError, BudgetError, aggressive_pool, fit_budget
 
 IMAGENET = (1, 3, 224, 224)
 
@@ -75,9 +75,13 @@ def test_resnet_tiny_cannot_absorb_eight() -> None:
         aggressive_pool(create_model("resnet_tiny"), torch.empty(1, 1, 28, 28), factor=8)
 
 
-def test_unet_is_refused() -> None:
-    with pytest.raises(PassError, match="upsamples"):
-        aggressive_pool(create_model("unet_small"), torch.empty(1, 3, 64, 64), factor=2)
+def test_unet_student_is_four_times_smaller() -> None:
+    """ReDistill's encoder-decoder student at k=2: the teacher peaks at its last concat, where the
+    transposed conv's output, the skip and the concat (16 + 16 + 32 channels at 64x64, fp32) are live:
+    64 * 64 * 64 * 4 = 1,048,576 B; the student runs that concat at 32x32: 262,144 B."""
+    student = aggressive_pool(create_model("unet_small"), torch.empty(1, 3, 64, 64), factor=2)
+    assert analyze(create_model("unet_small"), (1, 3, 64, 64)).peak_bytes == 1_048_576
+    assert student.peak_bytes == 262_144
 
 
 @pytest.fixture(scope="module")

@@ -266,19 +266,20 @@ class SpaceToDepth(nn.Module):
 
 
 class Upsampler(nn.Module):
+    """Upsamples by repeating rows: not a transposed conv or an interpolation, so it cannot be re-scaled."""
+
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3, 2, 1)
-        self.up = nn.ConvTranspose2d(4, 4, 2, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(self.conv(x))
+        return self.conv(x).repeat_interleave(2, dim=2)
 
 
 def test_unsupported_models_are_refused_clearly() -> None:
     with pytest.raises(PassError, match="not a conv, max-pool or avg-pool"):
         analyze_downsampling(SpaceToDepth(), torch.empty(SHAPE))
-    with pytest.raises(PassError, match="upsamples 16x16 -> 32x32"):
+    with pytest.raises(PassError, match="upsamples 16x16 -> 32x16 but is not a transposed conv or an interpolation"):
         analyze_downsampling(Upsampler(), torch.empty(SHAPE))
 
 

@@ -1,0 +1,262 @@
+"""Students of nets whose feature maps go through layout ops, and of nets torch.fx cannot trace.
+
+Each net takes its strides as an argument, so the student's reference is the same net built with the
+student's strides: equal deploy peak (memplan's own analysis of an independently built model) and,
+with the teacher's weights, equal outputs.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+from collections.abc import Sequence
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from memplan.analyze import analyze
+from memplan.capture import capture
+from passes import PassError, aggressive_pool, analyze_downsampling
+from passes.layout import propagate_layout, spatial_size
+
+
+def _teacher(model: nn.Module) -> nn.Module:
+    torch.manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def _check_student(cls: type[nn.Module], teacher_strides: Sequence[int], student_strides: Sequence[int],
+                   shape: tuple[int, ...], factor: int = 2, ratio: float | None = None) -> object:
+    torch.manual_seed(0)
+    teacher = _teacher(cls(teacher_strides))
+    student = aggressive_pool(teacher, torch.empty(shape), factor=factor)
+    reference = cls(student_strides).eval()
+    reference.load_state_dict(teacher.state_dict())
+    assert student.transfer.complete
+    assert student.peak_bytes == analyze(reference, shape).peak_bytes
+    teacher_peak = analyze(teacher, shape).peak_bytes
+    if ratio is not None:
+        assert teacher_peak / student.peak_bytes == ratio
+    x = torch.randn(2, *shape[1:])
+    out = student.module.eval()(x)
+    assert out.shape == teacher(x).shape
+    torch.testing.assert_close(out, reference(x))
+    return student
+
+
+# ------------------------------------------------------------------------------------------ ConvNeXt
+class ConvNeXtBlock(nn.Module):
+    """ConvNeXt's block: depthwise 7x7, then LayerNorm and the MLP channels-last, permuted back."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.dwconv = nn.Conv2d(c, c, 7, padding=3, groups=c)
+        self.norm = nn.LayerNorm(c)
+        self.pwconv1, self.pwconv2 = nn.Linear(c, 4 * c), nn.Linear(4 * c, c)
+        self.gamma = nn.Parameter(torch.full((c,), 0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.dwconv(x).permute(0, 2, 3, 1)
+        y = self.gamma * self.pwconv2(F.gelu(self.pwconv1(self.norm(y))))
+        return x + y.permute(0, 3, 1, 2)
+
+
+class LayerNorm2d(nn.LayerNorm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class ConvNeXtNet(nn.Module):
+    """Patchify stem (4x4/4), a wide and a narrow stage joined by LayerNorm2d + 2x2/2 conv, mean-pooled head."""
+
+    def __init__(self, strides: Sequence[int] = (4, 2)) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 64, 4, strides[0]), LayerNorm2d(64))
+        self.stage1 = ConvNeXtBlock(64)
+        self.down = nn.Sequential(LayerNorm2d(64), nn.Conv2d(64, 16, 2, strides[1]))
+        self.stage2 = ConvNeXtBlock(16)
+        self.norm, self.head = nn.LayerNorm(16), nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stage2(self.down(self.stage1(self.stem(x))))
+        return self.head(self.norm(x.mean((-2, -1))))
+
+
+def test_layout_tracks_channels_last_maps() -> None:
+    cg = capture(ConvNeXtNet().eval(), torch.empty(1, 3, 32, 32))
+    propagate_layout(cg.gm)
+    sizes = {n.name: spatial_size(n) for n in cg.gm.graph.nodes if n.op != "output"}
+    assert sizes["stage1_norm"] == (8, 8) and sizes["stage1_pwconv1"] == (8, 8)  # (N, H, W, 4C)
+    assert sizes["permute_3"] == (8, 8) and sizes["stage2_pwconv2"] == (4, 4)
+    assert sizes["mean"] is None and sizes["head"] is None
+
+
+def test_convnext_student() -> None:
+    """k=2 at 64x64: stem stride 8 (kernel kept), the stage downsampling goes to stride 1. The teacher
+    peaks in stage 1's channels-last MLP at 16x16 (64 and 256 channels); the student runs stage 1 at
+    8x8, and its narrow stage 2 stays below that: 4x lower."""
+    student = _check_student(ConvNeXtNet, (4, 2), (8, 1), (1, 3, 64, 64), ratio=4.0)
+    assert [(s.label, s.teacher, s.student) for s in student.strides] == [("stem.0", 4, 8), ("down.1", 2, 1)]
+
+
+# ------------------------------------------------------------------------------------------ ResNeSt
+class SplitAttention(nn.Module):
+    """ResNeSt's split attention (radix 2): radix groups viewed out of the channels, summed,
+    a softmax over the radix of a gate computed at 1x1, multiplied back and summed."""
+
+    def __init__(self, c: int, radix: int = 2) -> None:
+        super().__init__()
+        self.radix = radix
+        self.conv = nn.Conv2d(c, c * radix, 3, padding=1, groups=radix, bias=False)
+        self.bn0 = nn.BatchNorm2d(c * radix)
+        self.fc1, self.bn1, self.fc2 = nn.Conv2d(c, c // 2, 1), nn.BatchNorm2d(c // 2), nn.Conv2d(c // 2, c * radix, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn0(self.conv(x)))
+        b, rc, h, w = x.shape
+        x = x.reshape(b, self.radix, rc // self.radix, h, w)
+        gap = x.sum(dim=1).mean((2, 3), keepdim=True)
+        attn = self.fc2(F.relu(self.bn1(self.fc1(gap))))
+        attn = F.softmax(attn.view(b, 1, self.radix, -1).transpose(1, 2), dim=1).reshape(b, -1)
+        return (x * attn.view(b, self.radix, rc // self.radix, 1, 1)).sum(dim=1)
+
+
+class ResNeStNet(nn.Module):
+    """Stem conv (3x3/2), split-attention blocks around an avg-pool downsampling (ResNeSt's avd)."""
+
+    def __init__(self, strides: Sequence[int] = (2, 2)) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, strides[0], 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.block1 = SplitAttention(16)
+        self.avd = nn.AvgPool2d(3, strides[1], 1)
+        self.block2 = SplitAttention(16)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.block2(self.avd(self.block1(self.stem(x))))
+        return self.head(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def test_layout_tracks_radix_groups_and_the_gate() -> None:
+    cg = capture(ResNeStNet().eval(), torch.empty(1, 3, 32, 32))
+    propagate_layout(cg.gm)
+    sizes = {n.name: spatial_size(n) for n in cg.gm.graph.nodes if n.op != "output"}
+    assert sizes["reshape"] == (16, 16)  # (N, radix, C, H, W)
+    assert sizes["sum_2"] == (16, 16)
+    assert sizes["view"] is None and sizes["transpose"] is None  # the gate's (N, 1, radix, C) view
+
+
+def test_resnest_student() -> None:
+    """k=2: stem stride 4, avd stride 1. The teacher peaks in block 1 at 16x16, where the radix map
+    (N, 2, 16, H, W) and its product with the attention are live, with the (1, 32) attention:
+    2 * (32 * 16 * 16 * 4) + 32 * 4 = 65,664 B. The student runs block 1 (and block 2) at 8x8:
+    2 * (32 * 8 * 8 * 4) + 128 = 16,512 B."""
+    student = _check_student(ResNeStNet, (2, 2), (4, 1), (1, 3, 32, 32))
+    assert [s.student for s in student.strides] == [4, 1]
+    assert (analyze(_teacher(ResNeStNet()), (1, 3, 32, 32)).peak_bytes, student.peak_bytes) == (65_664, 16_512)
+
+
+# ------------------------------------------------------------------------------------------ "same" padding
+class Conv2dSame(nn.Conv2d):
+    """TensorFlow "SAME" padding computed from the input size with math.ceil (timm's tf_* models):
+    torch.fx cannot trace it (math.ceil and max of a traced size)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ih, iw = x.shape[-2:]
+        (kh, kw), (sh, sw) = self.kernel_size, self.stride
+        ph = max((math.ceil(ih / sh) - 1) * sh + kh - ih, 0)
+        pw = max((math.ceil(iw / sw) - 1) * sw + kw - iw, 0)
+        x = F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class SameNet(nn.Module):
+    def __init__(self, strides: Sequence[int] = (2, 2, 2)) -> None:
+        super().__init__()
+        self.stem = Conv2dSame(3, 32, 3, strides[0], bias=False)
+        self.bn = nn.BatchNorm2d(32)
+        self.conv1 = Conv2dSame(32, 16, 3, strides[1])
+        self.conv2 = Conv2dSame(16, 16, 3, strides[2])
+        self.drop = nn.Dropout(0.5)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv2(F.relu(self.conv1(F.relu(self.bn(self.stem(x)))))))
+        return self.head(self.drop(x.mean((2, 3))))
+
+
+def test_same_padding_net_is_not_fx_traceable() -> None:
+    with pytest.raises(Exception):  # noqa: B017 - whatever torch.fx raises
+        fx.symbolic_trace(SameNet())
+    assert analyze_downsampling(SameNet(), torch.empty(1, 3, 33, 33)).method == "export"
+
+
+def test_same_padding_student_from_the_exported_graph() -> None:
+    """k=2 at 33x33 ("same" padding gives ceil sizes: 17, 9, 5): stem stride 4 gives 9x9, conv2
+    stride 1 keeps 5x5 at the end. The teacher peaks padding its 32-channel 17x17 stem output for
+    conv1: (17 * 17 + 19 * 19) * 32 * 4 = 83,200 B; the student pads its input for the stem instead:
+    the reference built with strides [4, 2, 1] says so too."""
+    student = _check_student(SameNet, (2, 2, 2), (4, 2, 1), (1, 3, 33, 33))
+    assert student.recipe.changes[0].new.stride == 4
+    assert analyze(_teacher(SameNet()), (1, 3, 33, 33)).peak_bytes == 83_200
+    assert student.peak_bytes < 83_200 / 2
+
+
+def test_exported_student_trains_saves_and_exports() -> None:
+    teacher = _teacher(SameNet())
+    gm = aggressive_pool(teacher, torch.empty(1, 3, 32, 32), factor=2).module
+    x = torch.randn(4, 3, 40, 40)  # another batch and size: nothing baked in
+    gm.train()
+    torch.manual_seed(1)
+    a = gm(x)
+    a.sum().backward()
+    assert gm.get_submodule("stem").weight.grad is not None and gm.get_submodule("stem").weight.grad.abs().sum() > 0
+    assert gm.bn.running_mean.abs().sum() > 0  # batch statistics updated in train mode
+    gm.eval()
+    b, c = gm(x), gm(x)
+    torch.testing.assert_close(b, c)  # eval: running statistics, no dropout
+    assert not torch.allclose(a, b)
+    buffer = io.BytesIO()
+    torch.save(gm.state_dict(), buffer)
+    again = copy.deepcopy(gm)
+    again.load_state_dict(torch.load(io.BytesIO(buffer.getvalue())))
+    torch.testing.assert_close(again(x), b)
+    exported = torch.export.export(gm, (x,), strict=False).module()
+    torch.testing.assert_close(exported(x), b)
+
+
+class StringPaddingNet(nn.Module):
+    """Functional convs with ``padding`` given as a string: torch.conv2d's schema match is ambiguous."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w1, self.w2 = nn.Parameter(torch.randn(8, 3, 3, 3) * 0.1), nn.Parameter(torch.randn(8, 8, 3, 3) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(F.conv2d(x, self.w1, None, 2, "valid"))
+        x = F.relu(F.conv2d(x, self.w2, None, 1, "same"))
+        return F.conv2d(x, self.w2, None, 2, "valid").mean((2, 3))
+
+
+def test_string_padding_is_read_without_a_traceback() -> None:
+    student = aggressive_pool(StringPaddingNet().eval(), torch.empty(1, 3, 33, 33), factor=2)
+    assert [(s.teacher, s.student) for s in student.strides] == [(2, 4), (2, 1)]
+    assert student.module(torch.randn(1, 3, 33, 33)).shape == (1, 8)
+
+
+def test_uncapturable_model_is_one_line() -> None:
+    class Data(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * 2 if float(x.sum()) > 0 else x
+
+    with pytest.raises(PassError, match="cannot capture") as info:
+        analyze_downsampling(nn.Sequential(nn.Conv2d(3, 3, 1), Data()), torch.empty(1, 3, 8, 8))
+    assert "\n" not in str(info.value)

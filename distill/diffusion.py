@@ -296,9 +296,11 @@ def train_denoiser(
         raise ValueError(f"method 'red' needs matched taps, got {list(student_taps)} / {list(teacher_taps)}")
     step_model: nn.Module = FeatureTap(student_taps).prepare(model) if objective.method == "red" else model
     teacher_model = None
+    unique_taps = list(dict.fromkeys(teacher_taps))  # several sites may learn from one teacher map
+    tap_index = [unique_taps.index(name) for name in teacher_taps]
     if teacher is not None and objective.needs_teacher:
         teacher = teacher.eval().requires_grad_(False)
-        teacher_model = FeatureTap(teacher_taps).prepare(teacher) if objective.method == "red" else teacher
+        teacher_model = FeatureTap(unique_taps).prepare(teacher) if objective.method == "red" else teacher
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     ema = EMA(model, ema_decay)
     gen = torch.Generator().manual_seed(seed)
@@ -337,7 +339,7 @@ def train_denoiser(
         if teacher_model is not None:
             with torch.no_grad():
                 out = teacher_model(xt, t)
-            teacher_eps, teacher_feats = (out[0], list(out[1])) if objective.method == "red" else (out, [])
+            teacher_eps, teacher_feats = (out[0], [out[1][i] for i in tap_index]) if objective.method == "red" else (out, [])
         out = step_model(xt, t)
         eps, feats = (out[0], list(out[1])) if objective.method == "red" else (out, [])
         terms = objective(eps, noise, teacher_eps=teacher_eps, student_feats=feats, teacher_feats=teacher_feats)

@@ -1,30 +1,31 @@
-"""The k-factor student of a DDPM UNet and its RED sites (ReDistill's diffusion configuration).
+"""The k-factor student of a denoising encoder–decoder and its RED sites (ReDistill's DDPM configuration).
 
-:func:`diffusion_student` asks the student pass (:func:`passes.aggressive_pool.aggressive_pool`) for
-the encoder–decoder student first. While that pass refuses networks that upsample, it falls back to
-the student the zoo constructor builds directly (``strides=[k, 2, ..., 2, 2/k...]``: head stride
-``k``, ``k`` taken from the deepest DownSamples, the matching UpSamples and a ``ConvTranspose2d`` tail
-of stride ``k``) and weights copied from the teacher where shapes match; ``Student.source`` says which.
+:func:`diffusion_student` takes the student from the student pass
+(:func:`passes.aggressive_pool.aggressive_pool`: head stride ``k``, ``k`` removed from the deepest
+downsampling, the matching decoder upsampling removed, weights copied from the teacher) and then folds
+the pass's inserted tail into the last conv: the pass restores the output resolution with a
+``ConvTranspose2d(C_out, C_out, k, stride=k)`` *after* the output conv, which for a 1-channel noise
+prediction ties the ``k×k`` pixels of each block to one value (a fixed pattern per block, so at least
+``1 − 1/k²`` of white noise's variance can never be predicted and DDIM samples keep that noise). The
+fold replaces ``conv_out`` (``C_in → C_out``, 3×3) and the tail by one
+``ConvTranspose2d(C_in, C_out, k, stride=k)`` — ReDistill's "tail ConvTranspose2d stride 2" on the
+decoder's last feature map. The peak does not change (docs/definitions.md §1: the tail's input map is
+the smaller one).
 
-RED sites (the paper's configurations; each student map paired with the teacher map of equal
-size at the same depth of the encoder or decoder):
-
-- 6 sites: head out, the last block out of encoder levels 0 and 1, the last block out of decoder
-  level 1, the first block out of decoder level 0, tail in;
-- 2 sites: head out, tail in.
+RED sites come from the pass's stage map: ``6`` is its ``"6-site"`` selection (head out, first encoder
+block in, second encoder block out, decoder blocks in/out, tail in), ``2`` its ``"2-site"`` (head out,
+tail in).
 
 Example:
     >>> import torch
     >>> from memplan.zoo import create_model
     >>> teacher = create_model("ddpm_unet_small", base_channels=8, norm_groups=4)
     >>> s = diffusion_student(teacher, (1, 1, 32, 32), factor=2)
-    >>> s.module.strides, s.source
-    ((2, 2, 1), 'zoo constructor (hand-built)')
+    >>> type(s.module.conv_out).__name__, s.module.conv_out.in_channels, s.module.conv_out.stride
+    ('ConvTranspose2d', 8, (2, 2))
     >>> red, s_taps, t_taps = red_student(s, 2)
-    >>> s_taps, t_taps
-    (['red_out0', 'red_out5'], ['downsamples.0', 'up_attns.1.1'])
-    >>> red(torch.zeros(2, 1, 32, 32), torch.tensor([1, 2])).shape
-    torch.Size([2, 1, 32, 32])
+    >>> len(s_taps), red(torch.zeros(2, 1, 32, 32), torch.tensor([1, 2])).shape
+    (2, torch.Size([2, 1, 32, 32]))
 """
 
 from __future__ import annotations
@@ -36,109 +37,65 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from memplan.zoo import DDPMUNet
-from passes.aggressive_pool import StageMap, StagePair, aggressive_pool, transfer_weights
-from passes.attach_red import attach_red
+from distill.red import attach_red
+from passes.aggressive_pool import StageMap, Student, TailUpsample, aggressive_pool
 from passes.downsampling import PassError
 
-__all__ = ["DiffusionStudent", "diffusion_student", "red_student"]
+__all__ = ["DiffusionStudent", "diffusion_student", "fold_tail", "red_student"]
 
-SITE_COUNTS = (2, 6)
+SITE_PLACEMENTS = {6: "6-site", 2: "2-site"}
 
 
 @dataclass
 class DiffusionStudent:
-    """A student denoiser, the teacher it came from, its 6 RED sites and how it was derived."""
+    """A student denoiser (``module``, an fx GraphModule), its stage map and the pass's result."""
 
-    module: nn.Module
-    teacher: nn.Module
+    module: fx.GraphModule
     stage_map: StageMap
-    source: str
+    student: Student
+    source: str = "passes.aggressive_pool + tail folded into the last conv"
 
 
-class _LeafTracer(fx.Tracer):
-    """fx tracer keeping the named submodules whole, so their outputs are single nodes."""
+def fold_tail(gm: fx.GraphModule) -> fx.GraphModule:
+    """Fold every inserted :class:`TailUpsample` (transposed-conv kind) into the conv that feeds it, in place.
 
-    def __init__(self, leaves: frozenset[str]) -> None:
-        super().__init__()
-        self.leaves = leaves
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return module_qualified_name in self.leaves or super().is_leaf_module(m, module_qualified_name)
-
-
-def _site_modules(net: DDPMUNet) -> tuple[list[str], list[str]]:
-    """(student module, teacher module) of the 6 sites, for a UNet of >= 3 levels (module docstring)."""
-    levels, last = len(net.down_blocks), len(net.down_blocks[0]) - 1
-    if levels < 3:
-        raise PassError(f"the 6-site RED configuration needs a DDPM UNet of >= 3 levels, got {levels}")
-    # up_attns[i] is decoder level levels-1-i; its blocks run 0..num_res_blocks
-    student = ["conv_in", f"down_attns.0.{last}", f"down_attns.1.{last}", f"up_attns.{levels - 2}.{last + 1}",
-               f"up_attns.{levels - 1}.0", "act_out"]
-    teacher = ["downsamples.0", f"down_attns.1.{last}", f"down_attns.2.{last}", f"up_attns.{levels - 3}.{last + 1}",
-               f"up_attns.{levels - 2}.0", f"up_attns.{levels - 2}.{last + 1}"]
-    return student, teacher
-
-
-def _shapes(model: nn.Module, names: Sequence[str], shape: Sequence[int]) -> dict[str, tuple[int, ...]]:
-    """Output shapes of submodules ``names`` in one forward on zeros."""
-    found: dict[str, tuple[int, ...]] = {}
-    hooks = [model.get_submodule(n).register_forward_hook(
-        lambda _m, _i, out, n=n: found.__setitem__(n, tuple(out.shape))) for n in names]
-    try:
-        with torch.no_grad():
-            model.eval()(torch.zeros(tuple(shape)), torch.zeros(shape[0], dtype=torch.long))
-    finally:
-        for h in hooks:
-            h.remove()
-    return found
+    The conv must be a stride-1 ``nn.Conv2d`` read only by the tail, and the tail must not crop; the
+    fold gives the conv module a fresh ``ConvTranspose2d(in, out, k, stride=k)`` under the same name.
+    """
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), TailUpsample):
+            continue
+        tail = gm.get_submodule(node.target)
+        up = tail.up
+        src = node.args[0]
+        conv = gm.get_submodule(src.target) if getattr(src, "op", None) == "call_module" else None
+        if not isinstance(up, nn.ConvTranspose2d) or len(node.args) > 1:
+            raise PassError(f"cannot fold tail '{node.name}': only an uncropped transposed-conv tail folds")
+        if not isinstance(conv, nn.Conv2d) or conv.stride != (1, 1) or conv.groups != 1 or len(src.users) != 1:
+            raise PassError(f"cannot fold tail '{node.name}': its input '{src.name}' is not a stride-1 conv "
+                            "read only by the tail")
+        k = up.stride
+        device = conv.weight.device
+        gm.add_submodule(src.target, nn.ConvTranspose2d(conv.in_channels, conv.out_channels, up.kernel_size,
+                                                        stride=k, bias=conv.bias is not None).to(device))
+        node.replace_all_uses_with(src)
+        gm.graph.erase_node(node)
+        gm.delete_submodule(node.target)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
 
 
 def diffusion_student(teacher: nn.Module, shape: Sequence[int], factor: int = 2) -> DiffusionStudent:
-    """The factor-``factor`` student of ``teacher`` at input ``shape`` (module docstring)."""
+    """The factor-``factor`` student of denoiser ``teacher`` (called ``teacher(x, t)``) at input ``shape``."""
     example = [torch.empty(tuple(shape)), torch.zeros(shape[0], dtype=torch.long)]
-    try:
-        s = aggressive_pool(teacher, example, factor=factor)
-        return DiffusionStudent(s.module, teacher, s.stage_map, "passes.aggressive_pool")
-    except PassError:
-        if not isinstance(teacher, DDPMUNet):
-            raise
-    strides = list(teacher.strides)
-    strides[0] *= factor
-    remaining = factor
-    for i in reversed(range(1, len(strides))):  # the deepest DownSamples give up the factor
-        take = min(remaining, strides[i])
-        if remaining % take:
-            raise PassError(f"cannot remove a factor {factor} from the DownSample strides {teacher.strides}")
-        strides[i] //= take
-        remaining //= take
-        if remaining == 1:
-            break
-    if remaining != 1:
-        raise PassError(f"cannot remove a factor {factor} from the DownSample strides {teacher.strides}")
-    student = DDPMUNet(**teacher.config, strides=strides)
-    transfer_weights(teacher, student)
-    s_names, t_names = _site_modules(student)
-    s_shapes, t_shapes = _shapes(student, s_names, shape), _shapes(teacher, t_names, shape)
-    pairs = []
-    for i, (s_name, t_name) in enumerate(zip(s_names, t_names)):
-        if s_shapes[s_name][2:] != t_shapes[t_name][2:]:
-            raise PassError(f"RED site {s_name}: student map {s_shapes[s_name]} and teacher map {t_shapes[t_name]} "
-                            "differ in size")
-        pairs.append(StagePair(i, "output", s_name.replace(".", "_"), t_name, s_shapes[s_name][2:],
-                               s_shapes[s_name][1], t_shapes[t_name][1]))
-    gm = fx.GraphModule(student, _LeafTracer(frozenset(s_names)).trace(student), "DDPMStudent")
-    gm.strides = student.strides
-    return DiffusionStudent(gm, teacher, StageMap(tuple(pairs)), "zoo constructor (hand-built)")
+    s = aggressive_pool(teacher, example, factor=factor)
+    return DiffusionStudent(fold_tail(s.module), s.stage_map, s)
 
 
 def red_student(student: DiffusionStudent, sites: int) -> tuple[fx.GraphModule, list[str], list[str]]:
-    """``student`` with RED blocks at ``sites`` (2 or 6) sites: (module, its RED nodes, teacher taps)."""
-    if sites not in SITE_COUNTS:
-        raise PassError(f"RED site configurations: {SITE_COUNTS}, got {sites}")
-    pairs = student.stage_map.outputs
-    chosen = pairs if sites == 6 else (pairs[0], pairs[-1])
-    if len(pairs) < sites:
-        raise PassError(f"the stage map has {len(pairs)} sites, {sites} requested")
-    red = attach_red(student.module, StageMap(tuple(chosen)), placement="output")
+    """``student`` with RED blocks at ``sites`` (6 or 2) stage-map sites: (module, RED nodes, teacher taps)."""
+    if sites not in SITE_PLACEMENTS:
+        raise PassError(f"RED site configurations: {sorted(SITE_PLACEMENTS)}, got {sites}")
+    red = attach_red(student.module, student.stage_map, placement=SITE_PLACEMENTS[sites])
     return red, list(red.red_points), list(red.red_teachers)

@@ -9,6 +9,7 @@ from torch import fx
 from distill.diffusion_student import diffusion_student, red_student
 from memplan.analyze import analyze
 from memplan.zoo import ZooError, create_model, default_input
+from passes.downsampling import PassError
 
 F32 = 4
 
@@ -70,30 +71,35 @@ def test_stride_list_is_checked():
         create_model("ddpm_unet_small", strides=[2, 0, 1])
 
 
-def test_k2_student_shapes_sites_and_red(single_thread):
+def test_k2_student_from_the_pass_with_folded_tail(single_thread):
     teacher = create_model("ddpm_unet_small", base_channels=8, norm_groups=4).eval()
     shape = (1, 1, 32, 32)
     s = diffusion_student(teacher, shape, factor=2)
-    assert tuple(s.module.strides) == (2, 2, 1)
-    sizes = [(p.student, p.teacher, p.size) for p in s.stage_map.pairs]
-    assert sizes == [
-        ("conv_in", "downsamples.0", (16, 16)),
-        ("down_attns_0_0", "down_attns.1.0", (16, 16)),
-        ("down_attns_1_0", "down_attns.2.0", (8, 8)),
-        ("up_attns_1_1", "up_attns.0.1", (8, 8)),
-        ("up_attns_2_0", "up_attns.1.0", (16, 16)),
-        ("act_out", "up_attns.1.1", (16, 16)),
-    ]
+    assert [(lv.label, lv.teacher, lv.student) for lv in s.student.strides] == [
+        ("conv_in", 1, 2), ("downsamples.0.conv", 2, 2), ("downsamples.1.conv", 2, 1)]
+    # the folded tail: conv_out becomes ConvTranspose2d(8 -> 1, 2, stride 2); no TailUpsample is left
+    assert isinstance(s.module.conv_out, torch.nn.ConvTranspose2d)
+    assert (s.module.conv_out.in_channels, s.module.conv_out.out_channels) == (8, 1)
+    assert not any(n.op == "call_module" and n.target == "tail" for n in s.module.graph.nodes)
+    # the same network as the zoo constructor with the ReDistill k=2 strides: equal outputs on its weights
+    hand = create_model("ddpm_unet_small", base_channels=8, norm_groups=4, strides=[2, 2, 1]).eval()
+    hand.load_state_dict({k: v for k, v in s.module.state_dict().items() if not k.startswith("_tensor_constant")})
     x, t = torch.randn(2, 1, 32, 32), torch.tensor([3, 500])
     with torch.no_grad():
-        assert s.module(x, t).shape == x.shape
-    # everything but the new transposed-conv tail comes from the teacher
+        torch.testing.assert_close(s.module.eval()(x, t), hand(x, t))
+    # weights from the teacher, except the new tail
     assert torch.equal(s.module.get_submodule("down_blocks.0.0.conv1").weight,
                        teacher.get_submodule("down_blocks.0.0.conv1").weight)
+    # the fold keeps the pass's peak, and equals the zoo-built student's
+    student_peak = analyze(s.module, example(shape)).peak_bytes
+    assert student_peak == s.student.peak_bytes == analyze(hand, example(shape)).peak_bytes
     for sites in (6, 2):
         red, s_taps, t_taps = red_student(s, sites)
         assert len(s_taps) == len(t_taps) == sites
         with torch.no_grad():
             assert red(x, t).shape == x.shape
-        # 4x fewer pixels: the RED blocks at 16×16 (8 ch: 3 maps of 8 KiB) stay under the student's peak
-        assert analyze(red, example(shape)).peak_bytes == analyze(s.module, example(shape)).peak_bytes
+    # 2 sites (head out, tail in: 8-channel 16×16 maps) stay under the peak
+    red2, _, _ = red_student(s, 2)
+    assert analyze(red2, example(shape)).peak_bytes == student_peak
+    with pytest.raises(PassError, match="RED site configurations"):
+        red_student(s, 3)

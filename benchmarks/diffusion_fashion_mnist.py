@@ -2,12 +2,16 @@
 
 Fashion-MNIST (all 60k training images) zero-padded to 32×32 and scaled to [-1, 1]. Teacher: the
 small DDPM UNet (``memplan.zoo.ddpm_unet_small`` at ``--base`` channels), DDPM ε-prediction with
-T=1000 and a linear β schedule, Adam, EMA weights. Student: its k=2 encoder–decoder student (head
-stride 2, deepest DownSample stride 1, tail ConvTranspose2d stride 2; 4x fewer pixels at every map
-before the deepest level), initialised from the teacher where shapes match, trained for the same
+T=1000 and a linear β schedule, Adam (linear warm-up 100 steps, grad-norm clip 1), EMA weights.
+Student: its k=2 encoder–decoder student from the student pass (:func:`passes.aggressive_pool`: head
+stride 2, deepest DownSample stride 1, the matching UpSample's ×2 removed), with the pass's inserted
+tail folded into the last conv (:func:`distill.diffusion_student.fold_tail`: ``conv_out`` becomes a
+ConvTranspose2d stride 2 from the decoder's last map; a transposed conv after the 1-channel output
+cannot predict per-pixel noise), initialised from the teacher's EMA weights where shapes match; 4x
+fewer pixels at every map before the deepest level. Every student trains for the same
 ``--student-steps`` with each method: ``none`` (plain denoising), ``output`` (0.5 denoising + 0.5
-MSE to the teacher's ε), ``red6`` / ``red2`` (RED blocks at 6 or 2 stage-map sites, 0.5 denoising +
-0.5 RED loss). Distillation targets come from the teacher's EMA weights.
+MSE to the teacher's ε), ``red6`` / ``red2`` (RED blocks at the pass's "6-site" / "2-site" stage-map
+selection, 0.5 denoising + 0.5 RED loss). Distillation targets come from the teacher's EMA weights.
 
 Quality, all offline: 5,000 DDIM samples (eta 0, ``--ddim-steps`` steps) per sampling seed (two
 seeds) against the 10,000 test images, on the penultimate features of a Fashion-MNIST classifier
@@ -20,7 +24,7 @@ Resumable: every finished run is written at once to the JSON and skipped on re-r
 interrupted training run continues from ``runs/diffusion_fashion_mnist/<run>/last.pt``.
 
 Usage:
-    python benchmarks/diffusion_fashion_mnist.py                 # everything (~70 min on one CPU core)
+    python benchmarks/diffusion_fashion_mnist.py                 # everything (~20 min of one free CPU core)
     python benchmarks/diffusion_fashion_mnist.py --teacher-steps 20 --student-steps 10 --samples 200 \\
         --out /tmp/smoke.json --runs /tmp/smoke                   # smoke test
 """
@@ -51,7 +55,8 @@ from distill.quality import (
     train_classifier,
 )
 from memplan.analyze import analyze
-from memplan.report import fmt_bytes, write_text_atomic
+from memplan.io import write_text_atomic
+from memplan.report import fmt_bytes
 from memplan.zoo import create_model
 
 RESULTS = Path(__file__).parent / "results" / "diffusion_fashion_mnist.json"
@@ -75,7 +80,7 @@ def save_grid(samples: torch.Tensor, path: Path, n: int = 64) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    side = int(n**0.5)
+    side = int(min(n, len(samples)) ** 0.5)
     x = ((samples[: side * side, 0] + 1) / 2).clamp(0, 1)
     h, w = x.shape[-2:]
     grid = x.reshape(side, side, h, w).permute(0, 2, 1, 3).reshape(side * h, side * w)
@@ -192,6 +197,8 @@ def main() -> None:
         "machine": platform.machine(), "fid_name": FID_NAME, "sampling_seeds": list(SAMPLE_SEEDS),
         "schedule": {"T": 1000, "beta": "linear 1e-4..0.02", "sampler": f"DDIM eta=0, {args.ddim_steps} steps"},
         "steps": {"teacher": args.teacher_steps, "each student": args.student_steps, "batch": args.batch},
+        "student": "passes.aggressive_pool(factor=2) on the teacher, tail folded into conv_out "
+                   "(distill.diffusion_student); RED sites: the pass's 6-site / 2-site placements",
     })
 
     def log(msg: str) -> None:

@@ -11,7 +11,8 @@ cannot predict per-pixel noise), initialised from the teacher's EMA weights wher
 fewer pixels at every map before the deepest level. Every student trains for the same
 ``--student-steps`` with each method: ``none`` (plain denoising), ``output`` (0.5 denoising + 0.5
 MSE to the teacher's ε), ``red6`` / ``red2`` (RED blocks at the pass's "6-site" / "2-site" stage-map
-selection, 0.5 denoising + 0.5 RED loss). Distillation targets come from the teacher's EMA weights.
+selection, 0.5 denoising + 0.5 RED loss), and the control ``red6-blocks`` (the 6 RED blocks, plain
+denoising: their capacity without the RED loss). Distillation targets come from the teacher's EMA weights.
 
 Quality, all offline: 5,000 DDIM samples (eta 0, ``--ddim-steps`` steps) per sampling seed (two
 seeds) against the 10,000 test images, on the penultimate features of a Fashion-MNIST classifier
@@ -60,7 +61,8 @@ from memplan.report import fmt_bytes
 from memplan.zoo import create_model
 
 RESULTS = Path(__file__).parent / "results" / "diffusion_fashion_mnist.json"
-METHODS = {"none": ("none", None), "red6": ("red", 6), "output": ("output", None), "red2": ("red", 2)}
+METHODS = {"none": ("none", None), "red6": ("red", 6), "output": ("output", None), "red2": ("red", 2),
+           "red6-blocks": ("red-blocks", 6)}
 SAMPLE_SEEDS = (0, 1)
 
 
@@ -164,7 +166,10 @@ def target(doc: dict[str, Any]) -> dict[str, Any] | None:
             f"({'>=' if memory_ok else 'NOT >='} 4x); FID gap to the teacher: "
             + ", ".join(f"{k} {v:.2f}" for k, v in gap.items())
             + f"; largest spread between two sampling seeds {spread:.2f}; best RED ({best_red}) "
-            + ("beats" if fid_ok else "does NOT beat") + " none and output by more than that spread")
+            + ("beats" if fid_ok else "does NOT beat") + " none and output by more than that spread; "
+            + "the RED loss over the RED blocks alone (red6 vs red6-blocks): "
+            + ("nearer by more than the spread" if gap["red6"] + spread < gap["red6-blocks"] else "NOT nearer by more "
+               "than the spread"))
     return {"met": bool(memory_ok and fid_ok), "memory_met": memory_ok, "fid_met": fid_ok, "text": text,
             "peak_ratio": ratio, "fid_gap_to_teacher": gap, "seed_spread": spread}
 
@@ -247,6 +252,8 @@ def main() -> None:
         student = diffusion_student(teacher_ema, shape, factor=2)
         if sites is not None:
             model, s_taps, t_taps = red_student(student, sites)
+            if method == "red-blocks":
+                s_taps, t_taps = [], []
         else:
             model, s_taps, t_taps = student.module, [], []
         objective = DiffusionObjective(method, red_loss=args.red_loss)

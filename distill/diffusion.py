@@ -7,7 +7,8 @@
 - :class:`EMA`: an exponential moving average of the weights, ``decay_n = min(decay, (1+n)/(10+n))``
   (the warm-up keeps early averages from sticking to the random init).
 - :class:`DiffusionObjective`: the per-batch loss of a denoiser, for the methods in ``METHODS``:
-  ``none`` (``MSE(ε_s, ε)``), ``output`` (the response-based baseline, the student's ε regressed on
+  ``none`` (``MSE(ε_s, ε)``), ``red-blocks`` (the same loss for a student carrying RED blocks: their
+  capacity without the RED loss), ``output`` (the response-based baseline, the student's ε regressed on
   the frozen teacher's ε), ``red`` (RED blocks at the stage-map sites and ReDistill's loss: the
   channel-mean maps of each RED output against the teacher feature of equal size, cosine
   (``distill.red.red_loss``) or MSE, averaged over sites). Distillation methods weight
@@ -46,7 +47,7 @@ from distill.red import red_loss
 __all__ = ["METHODS", "RED_LOSSES", "DiffusionObjective", "EMA", "NoiseSchedule", "TrainOutcome",
            "pad_to_unit_range", "train_denoiser"]
 
-METHODS = ("none", "output", "red")
+METHODS = ("none", "output", "red", "red-blocks")
 RED_LOSSES = ("cosine", "mse")
 Denoiser = Callable[[Tensor, Tensor], Tensor]
 
@@ -187,7 +188,7 @@ class DiffusionObjective:
 
     method: str = "none"
     red_loss: str = "cosine"
-    task_weight: float | None = None  # default 1.0 for none, 0.5 otherwise
+    task_weight: float | None = None  # default 1.0 for none and red-blocks, 0.5 otherwise
     distill_weight: float = 0.5
 
     def __post_init__(self) -> None:
@@ -196,11 +197,11 @@ class DiffusionObjective:
         if self.red_loss not in RED_LOSSES:
             raise ValueError(f"unknown RED loss '{self.red_loss}' (use {', '.join(RED_LOSSES)})")
         if self.task_weight is None:
-            self.task_weight = 1.0 if self.method == "none" else 0.5
+            self.task_weight = 1.0 if self.method in ("none", "red-blocks") else 0.5
 
     @property
     def needs_teacher(self) -> bool:
-        return self.method != "none"
+        return self.method in ("output", "red")
 
     def site_loss(self, s: Tensor, t: Tensor) -> Tensor:
         """RED loss of one site: channel-mean maps compared by cosine or MSE."""

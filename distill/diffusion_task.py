@@ -100,8 +100,10 @@ def diffusion(cfg: TrainConfig, env: Dist, device: torch.device) -> TrainResult:
         if cfg.teacher_checkpoint is not None:
             load_weights(teacher, cfg.teacher_checkpoint)
         student = diffusion_student(teacher.eval(), shape, factor=cfg.factor)
-        model, s_taps, t_taps = (red_student(student, opts["sites"]) if cfg.method == "red"
+        model, s_taps, t_taps = (red_student(student, opts["sites"]) if cfg.method in ("red", "red-blocks")
                                  else (student.module, [], []))
+        if cfg.method == "red-blocks":
+            s_taps, t_taps = [], []
     else:
         if cfg.method != "none":
             raise ConfigError(f"method '{cfg.method}' distils a student: give teacher and factor")

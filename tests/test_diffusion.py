@@ -123,6 +123,8 @@ def test_objectives_weight_their_terms():
     assert float(red["total"]) == pytest.approx(0.5 * 1.0 + 0.5 * 1.0)
     mse = DiffusionObjective("red", red_loss="mse")(eps, noise, student_feats=[s], teacher_feats=[3 * s])
     assert float(mse["red"]) == pytest.approx(4.0)
+    blocks = DiffusionObjective("red-blocks")
+    assert not blocks.needs_teacher and float(blocks(eps, noise)["total"]) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="unknown diffusion distillation method 'kd'"):
         DiffusionObjective("kd")
     with pytest.raises(ValueError, match="needs matched features"):

@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distill.red import attach_red
 from memplan.analyze import analyze
 from memplan.zoo import create_model
-from passes import PassError, Recipe, aggressive_pool, apply_recipe, attach_red
+from passes import PassError, Recipe, aggressive_pool, apply_recipe
 from passes.aggressive_pool import InsertTail, Rescale, TailUpsample
 from passes.layout import spatial_size
 

@@ -26,6 +26,10 @@ interrupted training run continues from ``runs/diffusion_fashion_mnist/<run>/las
 
 Usage:
     python benchmarks/diffusion_fashion_mnist.py                 # everything (~20 min of one free CPU core)
+    python benchmarks/diffusion_fashion_mnist.py --student-steps 1800 --methods none,red6 \
+        --out benchmarks/results/diffusion_fashion_mnist_1800.json  # longer students: continues their last.pt
+                                                                    # (constant LR: same as an 1800-step run;
+                                                                    # copy the teacher row over to skip its eval)
     python benchmarks/diffusion_fashion_mnist.py --teacher-steps 20 --student-steps 10 --samples 200 \\
         --out /tmp/smoke.json --runs /tmp/smoke                   # smoke test
 """

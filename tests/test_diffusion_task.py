@@ -40,7 +40,7 @@ def test_unknown_method_is_a_one_line_error(tmp_path, capsys):
     rc = main(["train", "zoo:ddpm_unet_small", "--task", "diffusion", "--out", str(tmp_path / "x"), *TINY,
                "method=kd"])
     err = capsys.readouterr().err
-    assert rc == 2 and "the diffusion task's methods are ['none', 'output', 'red'], got 'kd'" in err
+    assert rc == 2 and "the diffusion task's methods are ['none', 'output', 'red', 'red-blocks'], got 'kd'" in err
     assert len(err.strip().splitlines()) == 1
 
 

@@ -23,7 +23,8 @@ feature methods tap the stage map (RED block outputs, or the shrunk stage output
 against the teacher maps of equal size, so ``method`` plus ``factor`` is all a run needs.
 :meth:`distill.run.RunDir.load_model` rebuilds the trained model.
 
-**Tasks.** ``task`` picks the training loop from :data:`TASKS` (``classify``: image classification).
+**Tasks.** ``task`` picks the training loop from :data:`TASKS` (``classify``: image classification;
+``diffusion``: DDPM denoisers and their students, :mod:`distill.diffusion_task`).
 
 >>> net = lambda: nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
 >>> r = train(TrainConfig(model=net, data="digits", epochs=1, batch_size=64, lr=0.05))
@@ -487,6 +488,9 @@ class _Session:
 def classify(cfg: TrainConfig, env: Dist, device: torch.device) -> TrainResult:
     """Image classification: cross-entropy plus the method's distillation terms (module docstring)."""
     return _Session(cfg, env, device).run()
+
+
+import distill.diffusion_task  # noqa: E402, F401 - registers the "diffusion" task (it imports TASKS from here)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

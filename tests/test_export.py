@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from conftest import single_input_models
 from sklearn.datasets import load_digits
 
 from distill.red import attach_red
@@ -16,7 +17,7 @@ from memplan import analyze
 from memplan.cli import main
 from memplan.export import export_onnx
 from memplan.onnx_frontend import analyze_onnx
-from memplan.zoo import create_model, default_input, list_models
+from memplan.zoo import create_model, default_input
 from passes.aggressive_pool import aggressive_pool
 
 SIZE = 64  # ImageNet-size models are exported at 64x64 (the graph, not the canvas, costs time)
@@ -51,7 +52,7 @@ def _variant(name, variant):
 
 CASES = [
     pytest.param(name, variant, marks=[pytest.mark.slow] if name in SLOW else [], id=f"{name}-{variant}")
-    for name in list_models() for variant in ("teacher", "student+red")
+    for name in single_input_models() for variant in ("teacher", "student+red")
     if not (variant == "student+red" and name in NO_STUDENT)
 ]
 

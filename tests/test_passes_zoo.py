@@ -6,8 +6,9 @@ import importlib.util
 
 import pytest
 import torch
+from conftest import single_input_models
 
-from memplan.zoo import create_model, default_input, list_models
+from memplan.zoo import create_model, default_input
 from passes import analyze_downsampling, build_student, plan_student
 
 SMALL = (1, 3, 64, 64)
@@ -33,7 +34,7 @@ def _sweep(model: torch.nn.Module, shape: tuple[int, ...]) -> None:
         assert any(s.teacher != s.student for s in student.strides)
 
 
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", single_input_models())
 def test_zoo_cnn(name: str) -> None:
     with torch.device("meta"):
         model = create_model(name)

@@ -6,11 +6,13 @@ import doctest
 
 import pytest
 import torch
+from conftest import single_input_models
 from torch import fx, nn
 
 from memplan import zoo
 
 NAMES = zoo.list_models()
+IMAGE_NAMES = single_input_models()  # the denoisers (forward(x, t)) are swept in test_diffusion_zoo.py
 TORCHVISION_NAMES = [
     "resnet18",
     "resnet50",
@@ -82,7 +84,7 @@ def test_register_model_rejects_duplicates():
         zoo.register_model(resnet18)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", IMAGE_NAMES)
 def test_build_trace_forward(name):
     torch.manual_seed(0)
     model = zoo.create_model(name, num_classes=7).eval()
@@ -96,7 +98,7 @@ def test_build_trace_forward(name):
     torch.testing.assert_close(traced_out, out)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", IMAGE_NAMES)
 def test_in_chans_and_stride_validation(name):
     model = _meta_model(name, in_chans=2, num_classes=3)
     x = _small_input(name, device="meta")

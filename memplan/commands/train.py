@@ -38,6 +38,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="data spec: digits, fashion-mnist[:DIR], fashion-mnist-canvas[:DIR][,k=v...], "
                                   "cifar10:DIR, cifar100:DIR, stl10:DIR, imagefolder:DIR")
     p.add_argument("--epochs", type=int, help="training epochs")
+    p.add_argument("--task", help="training task: classify (default) or diffusion (DDPM denoisers)")
     p.add_argument("--out", metavar="RUN", help="run directory (config.yaml, metrics.jsonl, last.pt, best.pt, "
                                                 "student.pt)")
     p.add_argument("--config", metavar="YAML", help="base config file (TrainConfig keys)")
@@ -50,7 +51,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
 
 def flag_overrides(args: argparse.Namespace) -> list[str]:
     """The shared flags as ``key=value`` overrides (only those given)."""
-    pairs = (("data", args.data), ("epochs", args.epochs), ("out_dir", args.out), ("resume", args.resume))
+    pairs = (("data", args.data), ("epochs", args.epochs), ("out_dir", args.out), ("resume", args.resume),
+             ("task", args.task))
     return [f"{key}={value}" for key, value in pairs if value is not None]
 
 
@@ -65,7 +67,14 @@ def run_training(config_path: str | None, overrides: Sequence[str], trust_code: 
 
 
 def summary(result: TrainResult) -> str:
-    """Run directory, last-epoch test accuracy and the best-on-validation epoch beside it."""
+    """Run directory, last-epoch test accuracy and the best-on-validation epoch beside it.
+
+    Tasks without accuracies (``diffusion``) report their last epoch's mean training loss terms.
+    """
+    if result.last_test_acc != result.last_test_acc:  # NaN: the task measures no accuracy
+        loss = result.history[-1].get("train_loss", {}) if result.history else {}
+        return (f"run              {result.run_dir or '(not saved)'}\n"
+                f"train loss       {', '.join(f'{k} {v:.4f}' for k, v in loss.items())} (last epoch, {result.epochs})")
     return (
         f"run              {result.run_dir or '(not saved)'}\n"
         f"test accuracy    {result.last_test_acc:.2f}% (last epoch, {result.epochs})   "

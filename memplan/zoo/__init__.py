@@ -37,6 +37,7 @@ from memplan.zoo._registry import (
     register_model,
 )
 from memplan.zoo.common import ConvNormAct
+from memplan.zoo.ddpm import DDPMUNet
 from memplan.zoo.densenet import DenseNet
 from memplan.zoo.mobilenet import MobileNetV2, MobileNetV3
 from memplan.zoo.resnet import BasicBlock, Bottleneck, ResNet
@@ -44,6 +45,7 @@ from memplan.zoo.unet import UNet
 from memplan.zoo.vgg import VGG
 
 __all__ = [
-    "IMAGENET_INPUT", "MODELS", "BasicBlock", "Bottleneck", "ConvNormAct", "DenseNet", "MobileNetV2", "MobileNetV3", "ResNet",
+    "IMAGENET_INPUT", "MODELS", "BasicBlock", "Bottleneck", "ConvNormAct", "DDPMUNet", "DenseNet", "MobileNetV2",
+    "MobileNetV3", "ResNet",
     "UNet", "UnknownModelError", "VGG", "ZooError", "create_model", "default_input", "list_models", "register_model",
 ]

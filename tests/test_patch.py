@@ -257,12 +257,13 @@ def test_cached_patched_peak_of_a_chain_by_hand():
     """The chain above in two cached bands. Band 0 runs the conv with its own padding on input rows
     0..3 (a view): 4 rows x 6 x 2 ch = 192 B, its bottom row surplus (48 B, less than a padded copy
     of the input, 160 B), ReLU in place; with the 288 B map: 144 + 192 + 288 = 624. Band 1 computes
-    only rows 3..5 from input rows 2..5, bottom border by an explicit pad (5x8, 160 B): input + map
-    + pad = 592. Streamed, band 0 clones its 4 input rows (96 B) and keeps rows 2..3 (48 B) for band
-    1: 48 + 192 + 288 = 528; band 1 joins them to its new rows 4..5: cat 96 + pad 160 + map 288 =
-    544, then pad + conv 144 + map = 592. MACs: 4 + 3 rows instead of 6."""
+    only rows 3..5 from input rows 2..5, bottom border by an explicit zero pad that only the conv
+    reads, which the deploy form counts as free (docs/definitions.md §2): input + map + conv output
+    = 144 + 288 + 144 = 576. Streamed, band 0 clones its 4 input rows (96 B) and keeps rows 2..3
+    (48 B) for band 1: 48 + 192 + 288 = 528; band 1 joins them to its new rows 4..5: cat 96 + map
+    288 + conv 144 = 528. MACs: 4 + 3 rows instead of 6."""
     net = Chain().eval()
-    for stream, peak in ((False, 624), (True, 592)):
+    for stream, peak in ((False, 624), (True, 528)):
         r = patch_model(net, (1, 1, 6, 6), grid=(2, 1), split_node="relu", halo="cache", stream_input=stream)
         assert r.patched_peak_bytes == peak
         assert (r.macs, r.patched_macs) == (6 * 6 * 2 * 9, 7 * 6 * 2 * 9)

@@ -152,9 +152,11 @@ class StorageProp(torch.fx.Interpreter):
         (1, 8, 30, 30)
     """
 
-    def __init__(self, gm: torch.fx.GraphModule) -> None:
+    def __init__(self, gm: torch.fx.GraphModule, fake_mode: FakeTensorMode | None = None,
+                 on_cpu: bool = True) -> None:
         super().__init__(gm, garbage_collect_values=False)
-        self.fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+        self.fake_mode = fake_mode or FakeTensorMode(allow_non_fake_inputs=True)
+        self.on_cpu = on_cpu
         self._keys: dict[StorageWeakRef, int] = {}
         self._keep: list[torch.Tensor] = []  # keeps storages alive so weak refs are never reused
         self.storage_kind: dict[int, str] = {}
@@ -171,11 +173,16 @@ class StorageProp(torch.fx.Interpreter):
         return self._keys[ref]
 
     def propagate(self, *inputs: torch.Tensor) -> dict[int, str]:
-        """Run on fake copies of ``inputs`` (real or meta tensors); return the storage kinds."""
-        device = _device_of(self.module)
+        """Run on fake copies of ``inputs`` (real or meta tensors); return the storage kinds.
+
+        With ``on_cpu`` the parameters are swapped for fake CPU tensors, so a model built on the
+        meta device dispatches the kernels CPU PyTorch runs (meta decomposes some, e.g. ``silu_``).
+        """
+        device = torch.device("cpu") if self.on_cpu else _device_of(self.module)
         with self.fake_mode:
             fakes = [torch.empty(t.shape, dtype=t.dtype, device=device) for t in inputs]
-        with self.fake_mode, self._recorder:
+        swap = fake_cpu_state(self.module, self.fake_mode) if self.on_cpu else contextlib.nullcontext()
+        with swap, inference(), self.fake_mode, self._recorder:
             self.run(*fakes)
         return self.storage_kind
 
@@ -324,7 +331,8 @@ def capture(
             errors.append(f"torch.export failed ({describe_error(e)})")
     if method == "aten" or (method == "auto" and cg is not None and cg.opaque):
         try:
-            return _propagate(_aten_graph(model, inputs), "aten", inputs, name)
+            gm, fake_mode = _aten_graph(model, inputs)
+            return _propagate(gm, "aten", inputs, name, fake_mode)
         except Exception as e:  # noqa: BLE001
             if cg is None:
                 errors.append(f"aten-level capture failed ({describe_error(e)})")
@@ -349,21 +357,53 @@ def _quiet() -> Any:
         logging.disable(logging.NOTSET)
 
 
-def _aten_graph(model: nn.Module, inputs: list[torch.Tensor]) -> torch.fx.GraphModule:
-    """The model's aten-level graph (``make_fx`` on fake tensors), each node tagged with its module."""
+def _aten_graph(model: nn.Module, inputs: list[torch.Tensor]) -> tuple[torch.fx.GraphModule, FakeTensorMode]:
+    """The model's aten-level graph (``make_fx`` on fake CPU tensors), nodes tagged with their module.
+
+    The parameters become the graph's constants, fake tensors of the returned mode.
+    """
     from torch.fx.experimental.proxy_tensor import make_fx
 
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     with fake_mode:
-        fakes = [torch.empty(t.shape, dtype=t.dtype, device=_device_of(model)) for t in inputs]
+        fakes = [torch.empty(t.shape, dtype=t.dtype, device="cpu") for t in inputs]
 
     def forward(*args: torch.Tensor) -> Any:
         return model(*args)
 
     forward._orig_mod = model  # type: ignore[attr-defined] # make_fx records nn_module_stack from it
-    with _quiet():
-        return make_fx(forward, tracing_mode="fake", record_module_stack=True,
-                       _allow_non_fake_inputs=True)(*fakes)
+    with _quiet(), fake_cpu_state(model, fake_mode), inference():
+        gm = make_fx(forward, tracing_mode="fake", record_module_stack=True, _allow_non_fake_inputs=True)(*fakes)
+    return gm, fake_mode
+
+
+@contextlib.contextmanager
+def inference() -> Any:
+    """Run as inference does, and as the code is written (docs/definitions.md §1).
+
+    No autograd (it would clone the inputs of in-place ops it must differentiate) and no
+    ``nn.MultiheadAttention``/``TransformerEncoderLayer`` fused fast path (one opaque kernel that
+    replaces the modules' written code).
+    """
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+
+
+@contextlib.contextmanager
+def fake_cpu_state(model: nn.Module, fake_mode: FakeTensorMode) -> Any:
+    """Swap ``model``'s parameters and buffers for fake CPU tensors of ``fake_mode`` (same shapes)."""
+    from torch.nn.utils.stateless import _reparametrize_module
+
+    with fake_mode:
+        state = {k: torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device="cpu")
+                 for k, v in [*model.named_parameters(), *model.named_buffers()]}
+    with _reparametrize_module(model, state, tie_weights=True):
+        yield
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -372,9 +412,16 @@ def _device_of(model: nn.Module) -> torch.device:
     return t.device if t is not None else torch.device("cpu")
 
 
-def _propagate(gm: torch.fx.GraphModule, method: str, inputs: list[torch.Tensor], name: str) -> CapturedGraph:
-    prop = StorageProp(gm)
-    kinds = prop.propagate(*inputs)
+def _propagate(gm: torch.fx.GraphModule, method: str, inputs: list[torch.Tensor], name: str,
+               fake_mode: FakeTensorMode | None = None) -> CapturedGraph:
+    prop = StorageProp(gm, fake_mode)
+    try:
+        kinds = prop.propagate(*inputs)
+    except Exception:  # noqa: BLE001 - a model that cannot run on CPU tensors (device-bound constants)
+        if fake_mode is not None:
+            raise
+        prop = StorageProp(gm, on_cpu=False)
+        kinds = prop.propagate(*inputs)
     _drop_dead_effects(gm)
     opaque = [n.name for n in gm.graph.nodes if _meta(n).hidden_bytes > 0]
     return CapturedGraph(

@@ -212,6 +212,14 @@ def build_graph(
     return apply_form(g, form, inplace_elementwise)
 
 
+def is_alias(op: Op) -> bool:
+    """An op that allocates and writes nothing (view, getitem, detach, eval dropout).
+
+    Its readers read the same storage, so it is not a reader of its own for the form rules.
+    """
+    return not op.writes and not op.mutates
+
+
 def drop_byproducts(g: MemGraph) -> MemGraph:
     """Remove unread by-products: outputs no op reads, of an op whose other outputs are used.
 
@@ -220,13 +228,16 @@ def drop_byproducts(g: MemGraph) -> MemGraph:
     them (an fx-level graph does not even show them), so they are not its memory
     (docs/definitions.md §1). An op none of whose outputs is used (dead code) keeps them all.
     """
-    used = {s for o in g.ops for s in o.reads} | {s for s, st in g.storages.items() if st.is_output}
+    used = {s for o in g.ops if not is_alias(o) for s in o.reads} | {s for s, st in g.storages.items() if st.is_output}
     for i, o in enumerate(g.ops):
         if len(o.writes) > 1 and any(s in used for s in o.writes):
             keep = tuple(s for s in o.writes if s in used)
             for s in set(o.writes) - set(keep):
                 del g.storages[s]
             g.ops[i] = replace(o, writes=keep)
+    for i, o in enumerate(g.ops):
+        g.ops[i] = replace(o, reads=tuple(s for s in o.reads if s in g.storages),
+                           mutates=tuple(s for s in o.mutates if s in g.storages))
     return g
 
 
@@ -251,7 +262,7 @@ class _Merger:
         self.kind = {o.name: o.kind for o in g.ops}
         self.readers: dict[int, set[str]] = {s: set() for s in g.storages}
         for o in g.ops:
-            for s in o.reads:
+            for s in o.reads if not is_alias(o) else ():
                 self.readers[s].add(o.name)
 
     def find(self, s: int) -> int:

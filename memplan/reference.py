@@ -1,11 +1,12 @@
 """An independent aten-level reference for the as-written peak (docs/definitions.md §1).
 
-:func:`aten_reference` runs the model eagerly on fake tensors (no real memory, on the device of
-the model's parameters) under a :class:`~torch.utils._python_dispatch.TorchDispatchMode` that
+:func:`aten_reference` runs the model eagerly on fake CPU tensors (no real memory; the
+parameters are swapped for fake CPU tensors, so a meta-device model dispatches CPU kernels) under a :class:`~torch.utils._python_dispatch.TorchDispatchMode` that
 records every aten call: the storages its tensor inputs live in and the storages its outputs live
 in. Every tensor is kept alive for the run, so storage identity is exact. Liveness is then pure
 dataflow over the call sequence, with no graph, no tracer and no module boundaries: it sees inside
-every module. It shares no code with :mod:`memplan.capture`, so agreement is evidence.
+every module. It shares no analysis code with :mod:`memplan.capture` (only the run mode,
+:func:`~memplan.capture.inference`), so agreement is evidence.
 
 Conventions (the same as memplan's, docs/definitions.md §1):
 
@@ -18,9 +19,10 @@ Conventions (the same as memplan's, docs/definitions.md §1):
   kernel choice (``max_pool2d_with_indices``'s indices, BatchNorm's saved statistics): reported
   as ``byproduct_bytes`` and not counted, because memplan's graphs do not ask for it.
 
-Differences from memplan that remain by definition: aten-level calls are the kernels the
-dispatcher picks for the device (on CPU an LSTM layer is one ``mkldnn_rnn_layer`` call, on meta it
-is decomposed into gates), and workspace inside one kernel is invisible to both.
+Differences from memplan that remain by definition: aten-level calls are the kernels the CPU
+dispatcher picks (an LSTM layer is one ``mkldnn_rnn_layer`` call, ``scaled_dot_product_attention``
+one flash kernel; on meta both would be decomposed), and workspace inside one kernel is invisible
+to both.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from memplan.capture import inference
 from memplan.errors import MemplanError, describe_error
 
 
@@ -101,8 +104,8 @@ class _Recorder(TorchDispatchMode):
 def aten_reference(model: nn.Module, inputs: Sequence[torch.Tensor] | torch.Tensor) -> ReferenceResult:
     """As-written peak of ``model`` on ``inputs`` (only shapes/dtypes used) from its aten calls.
 
-    The model runs in eval mode with autograd enabled (as memplan's capture does, so fused
-    inference-only paths such as the TransformerEncoder fast path are not taken).
+    The model runs in eval mode without autograd and without the attention fast path, as
+    memplan's capture does (:func:`memplan.capture.inference`).
 
     Example:
         >>> import torch
@@ -112,28 +115,36 @@ def aten_reference(model: nn.Module, inputs: Sequence[torch.Tensor] | torch.Tens
         (256, 'aten.relu.default')
     """
     tensors = [inputs] if isinstance(inputs, torch.Tensor) else list(inputs)
-    param = next(iter(model.parameters()), None)
-    param = next(iter(model.buffers()), None) if param is None else param
-    device = param.device if param is not None else torch.device("cpu")
     was_training = model.training
     model.eval()
-    rec = _Recorder()
     try:
-        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-            fakes = [torch.empty(t.shape, dtype=t.dtype, device=device) for t in tensors]
-            for f in fakes:
-                rec.activation.add(rec.sid(f))
-            state = {k: mode.from_tensor(v) for k, v in
-                     itertools.chain(model.named_parameters(), model.named_buffers())}
-            for v in state.values():
-                rec.sid(v)
-            with rec:
-                out = torch.func.functional_call(model, state, tuple(fakes))
+        try:
+            return _run(model, tensors, on_cpu=True)
+        except Exception:  # noqa: BLE001 - device-bound constants: run where the parameters are
+            return _run(model, tensors, on_cpu=False)
     except Exception as e:  # noqa: BLE001 - one line for the user
         raise MemplanError(f"aten reference: {type(model).__name__} does not run on fake tensors "
                            f"({describe_error(e)})") from e
     finally:
         model.train(was_training)
+
+
+def _run(model: nn.Module, tensors: list[torch.Tensor], on_cpu: bool) -> ReferenceResult:
+    """One recorded run on fake tensors: on the CPU (parameters swapped) or the parameters' device."""
+    param = next(itertools.chain(model.parameters(), model.buffers()), None)
+    device = "cpu" if on_cpu or param is None else param.device
+    rec = _Recorder()
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fakes = [torch.empty(t.shape, dtype=t.dtype, device=device) for t in tensors]
+        for f in fakes:
+            rec.activation.add(rec.sid(f))
+        state = {k: torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=device)
+                 if on_cpu else mode.from_tensor(v)
+            for k, v in itertools.chain(model.named_parameters(), model.named_buffers())}
+        for v in state.values():
+            rec.sid(v)
+        with inference(), rec:
+            out = torch.func.functional_call(model, state, tuple(fakes), tie_weights=True)
     return _liveness(rec, [rec.sid(f) for f in fakes],
                      {rec.sid(t) for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)})
 

@@ -292,8 +292,8 @@ def capture(
 
     ``example_inputs`` may be real, meta or fake tensors; only their shapes and dtypes are used.
     ``method`` is ``"auto"``, ``"fx"``, ``"export"`` or ``"aten"``. ``auto`` takes torch.fx's graph
-    (torch.export's when fx cannot trace) if every node in it is one kernel, and otherwise the
-    aten-level graph, which sees inside every module (see the module docstring). ``fx`` and
+    (torch.export's when fx cannot trace) if every node in it is one kernel, and otherwise (or when
+    both fail) the aten-level graph, which sees inside every module (see the module docstring). ``fx`` and
     ``export`` keep their graph even when it has opaque nodes (listed in ``CapturedGraph.opaque``).
     Raises :class:`CaptureError` naming the module and the reason when nothing works.
 
@@ -323,13 +323,13 @@ def capture(
             errors.append(f"torch.fx failed in {name}{'.' + where if where else ''} ({describe_error(e)})")
     if cg is None and method in ("auto", "export"):
         try:
-            real = [torch.zeros(t.shape, dtype=t.dtype) for t in inputs]
+            real = [torch.zeros(t.shape, dtype=t.dtype, device=_device_of(model)) for t in inputs]
             with _quiet():
                 ep = torch.export.export(model, tuple(real), strict=False)
             cg = _propagate(ep.module(), "export", inputs, name)
         except Exception as e:  # noqa: BLE001
             errors.append(f"torch.export failed ({describe_error(e)})")
-    if method == "aten" or (method == "auto" and cg is not None and cg.opaque):
+    if method == "aten" or (method == "auto" and (cg is None or cg.opaque)):
         try:
             gm, fake_mode = _aten_graph(model, inputs)
             return _propagate(gm, "aten", inputs, name, fake_mode)

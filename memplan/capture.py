@@ -320,7 +320,7 @@ def capture(
             cg = _propagate(gm, "fx", inputs, name)
         except Exception as e:  # noqa: BLE001 - any tracing failure triggers the fallback
             where = tracer.path_stack[-1] if tracer.path_stack else ""
-            errors.append(f"torch.fx failed in {name}{'.' + where if where else ''} ({describe_error(e)})")
+            errors.append(f"torch.fx failed in {name}{'.' + where if where else ''} ({_short(e)})")
     if cg is None and method in ("auto", "export"):
         try:
             real = [torch.zeros(t.shape, dtype=t.dtype, device=_device_of(model)) for t in inputs]
@@ -328,20 +328,26 @@ def capture(
                 ep = torch.export.export(model, tuple(real), strict=False)
             cg = _propagate(ep.module(), "export", inputs, name)
         except Exception as e:  # noqa: BLE001
-            errors.append(f"torch.export failed ({describe_error(e)})")
+            errors.append(f"torch.export failed ({_short(e)})")
     if method == "aten" or (method == "auto" and (cg is None or cg.opaque)):
         try:
             gm, fake_mode = _aten_graph(model, inputs)
             return _propagate(gm, "aten", inputs, name, fake_mode)
         except Exception as e:  # noqa: BLE001
             if cg is None:
-                errors.append(f"aten-level capture failed ({describe_error(e)})")
+                errors.append(f"aten-level capture failed ({_short(e)})")
             else:
-                warnings.warn(f"{name}: aten-level capture failed ({describe_error(e)}); the {cg.method} "
+                warnings.warn(f"{name}: aten-level capture failed ({_short(e)}); the {cg.method} "
                               f"graph misses temporaries inside {', '.join(cg.opaque[:3])}", stacklevel=2)
     if cg is not None:
         return cg
     raise CaptureError(f"cannot capture model {name}: " + "; ".join(errors))
+
+
+def _short(e: BaseException, limit: int = 240) -> str:
+    """:func:`describe_error`, cut to ``limit`` characters (tracers put whole expressions in line one)."""
+    text = describe_error(e)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @contextlib.contextmanager

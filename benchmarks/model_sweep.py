@@ -61,12 +61,15 @@ TIMM_FAMILIES = (
 
 
 def model_names() -> list[tuple[str, str]]:
-    """``(source, name)`` for every installed torchvision classifier and the timm families above."""
+    """``(source, name)``: every installed torchvision classifier and segmentation model (dict
+    outputs), and the timm families above."""
     names: list[tuple[str, str]] = []
     with contextlib.suppress(ImportError):
         import torchvision
 
         names += [("torchvision", n) for n in sorted(torchvision.models.list_models(module=torchvision.models))]
+        names += [("segmentation", n)
+                  for n in sorted(torchvision.models.list_models(module=torchvision.models.segmentation))]
     with contextlib.suppress(ImportError):
         import timm
 
@@ -76,11 +79,16 @@ def model_names() -> list[tuple[str, str]]:
 
 
 def build(source: str, name: str, device: str) -> tuple[Any, tuple[int, ...]]:
-    """The model (random weights, eval) on ``device`` and its default input shape."""
+    """The model (random weights, eval, never downloaded) on ``device`` and its default input shape."""
     import torch
 
     with torch.device(device):
-        if source == "torchvision":
+        if source == "segmentation":  # no backbone download either; 520 is their weights' resize
+            import torchvision
+
+            model = torchvision.models.get_model(name, weights=None, weights_backbone=None)
+            shape = (1, 3, 520, 520)
+        elif source == "torchvision":
             import torchvision
 
             model = torchvision.models.get_model(name, weights=None)
@@ -317,8 +325,17 @@ def main() -> None:
     parser.add_argument("--only", help="models whose 'source:name' contains this (e.g. timm:)")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--table", action="store_true", help="print the coverage table of --out and exit")
+    parser.add_argument("--merge", nargs="+", metavar="FILE",
+                        help="merge the rows of sweeps run in parallel (one --out each) into --out and exit")
     args = parser.parse_args()
     path = Path(args.out)
+    if args.merge:
+        doc = load(path)
+        for other in args.merge:
+            doc["rows"].update(load(Path(other))["rows"])
+        save(doc, path)
+        print(coverage(doc))
+        return
     if args.table:
         print(coverage(load(path)))
         return

@@ -161,6 +161,8 @@ class StorageProp(torch.fx.Interpreter):
         self._keep: list[torch.Tensor] = []  # keeps storages alive so weak refs are never reused
         self.storage_kind: dict[int, str] = {}
         self.param_side_bytes = 0
+        self._param_nodes: dict[int, list[torch.fx.Node]] = {}  # storage -> param-side nodes showing it
+        self._activated: set[int] = set()
         self._module_types = {name: type(m).__name__ for name, m in gm.named_modules()}
         self._recorder = AtenRecorder()
 
@@ -216,15 +218,36 @@ class StorageProp(torch.fx.Interpreter):
             )
             for t in tensors
         ]
+        if param_side and any(tm.storage in self._activated for tm in outs):
+            param_side = False  # a constant the program already wrote activation data into
         if param_side and n.op != "get_attr":
             self.param_side_bytes += sum(int(t.untyped_storage().nbytes()) for t in
                                          {StorageWeakRef(t.untyped_storage()): t for t in tensors
                                           if StorageWeakRef(t.untyped_storage()) in fresh}.values())
+        if param_side:
+            for tm in outs:
+                self._param_nodes.setdefault(tm.storage, []).append(n)
+        for key in mutated if not param_side else ():
+            self._activate(key)
         module, cls = _module_path(n)
         n.meta[META_KEY] = NodeMeta(outputs=outs, mutates=sorted(mutated), module=module,
                                     module_type=self._module_types.get(module, cls), param_side=param_side,
                                     hidden_bytes=0 if param_side else self._recorder.hidden_bytes(tensors))
         return result
+
+
+    def _activate(self, key: int) -> None:
+        """A constant that activation data is written into (``out = zeros(..); out[:, :3] = x``; fx
+        hoists the ``zeros`` to a ``get_attr``) is an activation from where it first appears."""
+        nodes = self._param_nodes.pop(key, [])
+        if not nodes:
+            return
+        self.storage_kind[key] = "activation"
+        self._activated.add(key)
+        if nodes[0].op != "get_attr":  # a computed value (a get_attr constant was never counted)
+            self.param_side_bytes -= next(tm.storage_nbytes for tm in _meta(nodes[0]).outputs if tm.storage == key)
+        for node in nodes:
+            _meta(node).param_side = False
 
 
 _CALLS = ("call_module", "call_function", "call_method")

@@ -74,6 +74,7 @@ class _Recorder(TorchDispatchMode):
         self.param_side: set[int] = set()
         self.calls: list[_Call] = []
         self.keep: list[torch.Tensor] = []
+        self.created_at: dict[int, int] = {}  # parameter-side storage -> index of the call that made it
 
     def sid(self, t: torch.Tensor) -> int:
         ref = StorageWeakRef(t.untyped_storage())
@@ -89,6 +90,11 @@ class _Recorder(TorchDispatchMode):
         known = set(self.nbytes)
         out = func(*args, **kwargs)
         from_act = bool(ins & self.activation)
+        if from_act:  # activation data written into a computed constant: it is an activation
+            for s in {self.sid(t) for t in _written(func, args, kwargs)} & self.param_side:
+                self.param_side.discard(s)
+                self.activation.add(s)
+                self.calls[self.created_at[s]].allocs.append(s)
         allocs = []
         for t in pytree.tree_leaves(out):
             if isinstance(t, torch.Tensor):
@@ -97,8 +103,21 @@ class _Recorder(TorchDispatchMode):
                     (self.activation if from_act else self.param_side).add(s)
                     if from_act:
                         allocs.append(s)
+                    else:
+                        self.created_at[s] = len(self.calls)
         self.calls.append(_Call(str(func), ins & self.activation, allocs))
         return out
+
+
+def _written(func: Any, args: Any, kwargs: dict[str, Any]) -> list[torch.Tensor]:
+    """The tensors an aten call writes, from its schema (``Tensor(a!)`` arguments)."""
+    schema = getattr(func, "_schema", None)
+    out = []
+    for i, arg in enumerate(schema.arguments if schema is not None else ()):
+        if arg.alias_info is not None and arg.alias_info.is_write:
+            value = args[i] if i < len(args) else kwargs.get(arg.name)
+            out += [t for t in pytree.tree_leaves(value) if isinstance(t, torch.Tensor)]
+    return out
 
 
 def aten_reference(model: nn.Module, inputs: Sequence[torch.Tensor] | torch.Tensor) -> ReferenceResult:

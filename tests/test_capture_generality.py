@@ -139,3 +139,25 @@ def test_matmul_copy_inside_one_call_is_seen():
 def test_forced_fx_level_reports_opaque_nodes():
     cg = capture(Attention().eval(), torch.empty(8, 1, 16), method="fx")
     assert cg.opaque == ["mha"]  # fx cannot see inside: said, not hidden
+
+
+class FilledBuffer(nn.Module):
+    """A zero buffer built from constants that the input is then written into."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        out = torch.zeros(1, 8, 4, 4)
+        out[:, :3] = x
+        return self.conv(out)
+
+
+def test_constant_written_with_activations_is_an_activation():
+    hw = 4 * 4 * F32
+    r, ref = both(FilledBuffer(), (1, 3, 4, 4))
+    # the 8-channel buffer holds the input's data: input (3) + buffer (8) at the write
+    assert r.peak_bytes == ref.peak_bytes == (3 + 8) * hw
+    assert r.timeline[-1].op == "Conv2d" and r.timeline[-1].live_bytes == (8 + 2) * hw
+    assert r.param_side_bytes == ref.param_side_bytes == 0

@@ -77,7 +77,8 @@ class CapturedGraph:
     constants reached through ``get_attr`` and parameter-side values) or ``"activation"``.
     ``param_side_bytes`` is the size of the storages parameter-side nodes compute (what a runtime
     folds into constants); ``opaque`` lists nodes with hidden temporaries (empty unless ``method``
-    forced a level that cannot see inside them).
+    forced a level that cannot see inside them). An ``"aten"`` graph's constants are fake tensors:
+    it is for analysis (structure, shapes, module paths), not for running.
     """
 
     gm: torch.fx.GraphModule

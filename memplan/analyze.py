@@ -16,7 +16,7 @@ from memplan.liveness import Lifetime, lifetimes, live_bytes
 
 JSON_KEYS = (
     "model", "input_shape", "form", "dtype", "peak_bytes", "peak_node", "live_at_peak", "timeline",
-    "input_bytes", "param_bytes", "activation_sum_bytes",
+    "input_bytes", "param_bytes", "param_side_bytes", "activation_sum_bytes",
 )
 
 
@@ -60,6 +60,7 @@ class MemoryReport:
     param_bytes: int
     activation_sum_bytes: int
     method: str = "fx"
+    param_side_bytes: int = 0  # values computed from parameters only, folded by a runtime (§1)
     graph: MemGraph | None = field(default=None, repr=False)
     order: list[str] = field(default_factory=list, repr=False)
     lifetimes: list[Lifetime] = field(default_factory=list, repr=False)
@@ -80,9 +81,14 @@ class MemoryReport:
 
 
 def report_from_graph(
-    g: MemGraph, *, order: Sequence[str] | None = None, param_bytes: int = 0, model: str = ""
+    g: MemGraph, *, order: Sequence[str] | None = None, param_bytes: int = 0, model: str = "",
+    param_side_bytes: int = 0,
 ) -> MemoryReport:
-    """Compute the timeline, peak and live set of ``g`` under ``order`` (default program order)."""
+    """Compute the timeline, peak and live set of ``g`` under ``order`` (default program order).
+
+    ``param_side_bytes``: storages computed only from parameters (docs/definitions.md §1), reported
+    beside ``param_bytes`` and never live.
+    """
     names = [o.name for o in g.ops] if order is None else list(order)
     lts = lifetimes(g, names)
     live = live_bytes(lts, len(names))
@@ -117,6 +123,7 @@ def report_from_graph(
         param_bytes=param_bytes,
         activation_sum_bytes=sum(o.out_bytes for o in g.ops),
         method=g.method,
+        param_side_bytes=param_side_bytes,
         graph=g,
         order=names,
         lifetimes=lts,
@@ -174,4 +181,5 @@ def analyze(
     finally:
         model.train(was_training)
     g = build_graph(cg, form=form, dtype=dtype, inplace_elementwise=inplace_elementwise)
-    return report_from_graph(g, param_bytes=param_bytes_of(model, dtype), model=name or type(model).__name__)
+    return report_from_graph(g, param_bytes=param_bytes_of(model, dtype), model=name or type(model).__name__,
+                             param_side_bytes=cg.param_side_bytes)

@@ -185,7 +185,7 @@ def build_graph(
 
     for n in gm.graph.nodes:
         meta = _meta(n)
-        inputs = [a for a in n.all_input_nodes if a.op != "get_attr"]
+        inputs = [a for a in n.all_input_nodes if not _meta(a).param_side]
         deps = frozenset().union(*(dep_ops.get(a, frozenset()) for a in inputs))
         if n.op == "placeholder":
             for tm in meta.outputs:
@@ -198,7 +198,7 @@ def build_graph(
                         if tm.storage in storages:
                             storages[tm.storage].is_output = True
             continue
-        if n.op == "get_attr":
+        if meta.param_side:  # folded into a constant by a runtime (docs/definitions.md §1)
             continue
         if not meta.outputs:
             dep_ops[n] = deps
@@ -222,7 +222,37 @@ def build_graph(
         ))
     g = MemGraph(ops, storages, form=form, dtype=dtype, method=cg.method, model_name=cg.model_name,
                  input_shapes=list(cg.input_shapes))
+    drop_byproducts(g)
     return apply_form(g, form, inplace_elementwise)
+
+
+def is_alias(op: Op) -> bool:
+    """An op that allocates and writes nothing (view, getitem, detach, eval dropout).
+
+    Its readers read the same storage, so it is not a reader of its own for the form rules.
+    """
+    return not op.writes and not op.mutates
+
+
+def drop_byproducts(g: MemGraph) -> MemGraph:
+    """Remove unread by-products: outputs no op reads, of an op whose other outputs are used.
+
+    An aten-level graph spells ``max_pool2d`` as ``max_pool2d_with_indices`` whose indices nothing
+    reads, and eval BatchNorm returns saved statistics nobody uses: the program never asked for
+    them (an fx-level graph does not even show them), so they are not its memory
+    (docs/definitions.md §1). An op none of whose outputs is used (dead code) keeps them all.
+    """
+    used = {s for o in g.ops if not is_alias(o) for s in o.reads} | {s for s, st in g.storages.items() if st.is_output}
+    for i, o in enumerate(g.ops):
+        if len(o.writes) > 1 and any(s in used for s in o.writes):
+            keep = tuple(s for s in o.writes if s in used)
+            for s in set(o.writes) - set(keep):
+                del g.storages[s]
+            g.ops[i] = replace(o, writes=keep)
+    for i, o in enumerate(g.ops):
+        g.ops[i] = replace(o, reads=tuple(s for s in o.reads if s in g.storages),
+                           mutates=tuple(s for s in o.mutates if s in g.storages))
+    return g
 
 
 def apply_form(g: MemGraph, form: str, inplace_elementwise: bool = False) -> MemGraph:
@@ -246,7 +276,7 @@ class _Merger:
         self.kind = {o.name: o.kind for o in g.ops}
         self.readers: dict[int, set[str]] = {s: set() for s in g.storages}
         for o in g.ops:
-            for s in o.reads:
+            for s in o.reads if not is_alias(o) else ():
                 self.readers[s].add(o.name)
         self.regions = regions or {}  # op name -> its fused activation region
         self.views: dict[int, bool] = {}  # storage -> whether the splits reading it are views

@@ -45,7 +45,8 @@ def format_table(report: MemoryReport, top: int = 10) -> str:
         f"peak activation  {fmt_bytes(report.peak_bytes)}  ({report.peak_bytes:,} bytes) at step "
         f"{report.peak_step} '{report.peak_node}'",
         f"input            {fmt_bytes(report.input_bytes)}",
-        f"parameters       {fmt_bytes(report.param_bytes)}",
+        f"parameters       {fmt_bytes(report.param_bytes)}"
+        + (f"  (+ {fmt_bytes(report.param_side_bytes)} computed from them, folded)" if report.param_side_bytes else ""),
         f"sum of outputs   {fmt_bytes(report.activation_sum_bytes)}  (what per-layer summaries add up)",
     ]
     for key, label in (("arena_bytes", "arena plan"), ("program_order_peak_bytes", "program order")):

@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.order == "best":
         schedule = best_order(report.graph)
         report = report_from_graph(report.graph, order=schedule.order, param_bytes=report.param_bytes,
-                                   model=report.model)
+                                   model=report.model, param_side_bytes=report.param_side_bytes)
         report.extra.update(order_method=schedule.method, order_seconds=round(schedule.seconds, 3),
                             program_order_peak_bytes=schedule.program_order_peak_bytes)
         proof = "proven optimal" if schedule.method == "dp" else "best found"

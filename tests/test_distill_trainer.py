@@ -288,6 +288,7 @@ def test_torchrun_two_process_gloo(tmp_path):
         "--nproc_per_node=2",
         "-m",
         "distill.trainer",
+        "--trust-code",  # the config file names this test module's model
         str(path),
     ]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)

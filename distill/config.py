@@ -103,21 +103,6 @@ class TrainConfig:
         return out
 
 
-@dataclass
-class TrainResult:
-    """Outcome of ``train``: accuracies in percent, the trained student and its state digest."""
-
-    run_dir: Path | None
-    epochs: int
-    last_val_acc: float
-    last_test_acc: float
-    best_epoch: int
-    best_val_acc: float
-    best_test_acc: float
-    history: list[dict[str, Any]]
-    state_digest: str
-    rank_digests: list[str]
-    student: nn.Module = field(repr=False)
 
 
 _NULLS = {"null", "none", "~", ""}

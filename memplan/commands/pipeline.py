@@ -18,6 +18,7 @@ import argparse
 import logging
 
 from memplan.cli import allow_intermixed, command
+from memplan.commands.student import add_patch_arguments
 from memplan.report import parse_bytes
 from memplan.specs import parse_shape
 
@@ -46,10 +47,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (0 = its default)")
     p.add_argument("--int8", action="store_true", help="also quantize both models to int8 (static QDQ, calibrated "
                                                        "on validation images) and add int8 rows to the report")
-    p.add_argument("--patch", action="store_true", help="also report the trained student with its early stage run "
-                                                        "patch by patch (RED blocks included)")
-    p.add_argument("--stream-input", action="store_true", help="with --patch: count the input per patch (a camera "
-                                                               "delivering rows)")
+    add_patch_arguments(p)
     p.add_argument("--trust-code", action="store_true", help="let a --teacher run's config.yaml name code "
                                                              "(FILE.py:fn, pkg.mod:fn)")
     p.add_argument("overrides", nargs="*", metavar="key=value",

@@ -40,6 +40,14 @@ from passes import (
 )
 
 
+def add_patch_arguments(p: argparse.ArgumentParser) -> None:
+    """``--patch`` and ``--stream-input``, shared with ``memplan pipeline``."""
+    p.add_argument("--patch", action="store_true", help="also run the student's early stage (RED blocks included) "
+                                                        "patch by patch (passes.patch) and report that peak")
+    p.add_argument("--stream-input", action="store_true", help="with --patch: the input arrives per patch (a "
+                                                               "camera delivering rows), not resident")
+
+
 @command("student", "derive an aggressive-pooling student: teacher vs student peak, strides, stage map, RED")
 def configure(p: argparse.ArgumentParser) -> None:
     """Arguments of ``memplan student``."""
@@ -58,10 +66,7 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="RED blocks counted in the peak (--budget chooses it itself); encoder-decoders also take "
                         "ReDistill's 6-site / 2-site placements (input+output = 6-site)")
     p.add_argument("--no-red", action="store_true", help="with --budget: do not count RED blocks")
-    p.add_argument("--patch", action="store_true", help="also run the student's early stage (RED blocks included) "
-                                                        "patch by patch (passes.patch) and report that peak")
-    p.add_argument("--stream-input", action="store_true", help="with --patch: the input arrives per patch (a "
-                                                               "camera delivering rows), not resident")
+    add_patch_arguments(p)
     p.add_argument("--out", metavar="DIR", help="write a student run directory (config.yaml, recipe.json, run.json, "
                                                 "student.pt) that export and distill accept")
     p.add_argument("--json", metavar="PATH", help="write the summary as JSON ('-' = stdout)")

@@ -431,16 +431,17 @@ def _ratio(teacher: float, student: float) -> str:
     return f"{teacher / student:.2f}×"
 
 
+def _bytes_row(label: str, attr: str) -> tuple[str, Callable[[Any], str], Callable[[Any, Any], str]]:
+    """A table row showing ``attr`` (bytes) of each model and the teacher / student ratio."""
+    return label, lambda m: _bytes(getattr(m, attr)), lambda t, s: _ratio(getattr(t, attr), getattr(s, attr))
+
+
 # (row label, ModelSummary -> cell, (teacher, student) -> last column): the table of report.md
 ROWS: list[tuple[str, Callable[[ModelSummary], str], Callable[[ModelSummary, ModelSummary], str]]] = [
-    ("theoretical peak (PyTorch, deploy form)", lambda m: _bytes(m.peak_bytes),
-     lambda t, s: _ratio(t.peak_bytes, s.peak_bytes)),
-    ("ONNX graph peak (exported file)", lambda m: _bytes(m.onnx_peak_bytes),
-     lambda t, s: _ratio(t.onnx_peak_bytes, s.onnx_peak_bytes)),
-    ("ORT-graph peak (onnxruntime's optimized graph)", lambda m: _bytes(m.ort_graph_peak_bytes),
-     lambda t, s: _ratio(t.ort_graph_peak_bytes, s.ort_graph_peak_bytes)),
-    ("measured peak (onnxruntime, peak RSS growth)", lambda m: _bytes(m.measured_peak_bytes),
-     lambda t, s: _ratio(t.measured_peak_bytes, s.measured_peak_bytes)),
+    _bytes_row("theoretical peak (PyTorch, deploy form)", "peak_bytes"),
+    _bytes_row("ONNX graph peak (exported file)", "onnx_peak_bytes"),
+    _bytes_row("ORT-graph peak (onnxruntime's optimized graph)", "ort_graph_peak_bytes"),
+    _bytes_row("measured peak (onnxruntime, peak RSS growth)", "measured_peak_bytes"),
     ("test accuracy, last epoch", lambda m: f"{m.accuracy.last_test_acc:.2f}% (epoch {m.accuracy.epochs})",
      lambda t, s: f"{s.accuracy.last_test_acc - t.accuracy.last_test_acc:+.2f} pts"),
     ("test accuracy, best-on-val epoch",
@@ -456,12 +457,9 @@ INT8_ROWS: list[tuple[str, Callable[[Int8Summary], str], Callable[[Int8Summary, 
     ("int8: test accuracy (onnxruntime)", lambda q: f"{q.test_acc:.2f}%",
      lambda t, s: f"{s.test_acc - t.test_acc:+.2f} pts"),
     ("int8: top-1 agreement with fp32", lambda q: f"{100 * q.top1_agreement:.2f}%", lambda t, s: ""),
-    ("int8: ONNX graph peak", lambda q: _bytes(q.onnx_peak_bytes),
-     lambda t, s: _ratio(t.onnx_peak_bytes, s.onnx_peak_bytes)),
-    ("int8: ORT-graph peak", lambda q: _bytes(q.ort_graph_peak_bytes),
-     lambda t, s: _ratio(t.ort_graph_peak_bytes, s.ort_graph_peak_bytes)),
-    ("int8: measured peak (onnxruntime)", lambda q: _bytes(q.measured_peak_bytes),
-     lambda t, s: _ratio(t.measured_peak_bytes, s.measured_peak_bytes)),
+    _bytes_row("int8: ONNX graph peak", "onnx_peak_bytes"),
+    _bytes_row("int8: ORT-graph peak", "ort_graph_peak_bytes"),
+    _bytes_row("int8: measured peak (onnxruntime)", "measured_peak_bytes"),
     ("int8: ORT latency (median)", lambda q: f"{q.latency_ms:.3f} ms", lambda t, s: _ratio(t.latency_ms, s.latency_ms)),
 ]
 

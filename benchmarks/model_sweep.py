@@ -31,7 +31,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -133,11 +133,12 @@ def _export_fn() -> Callable[..., Any]:
 class ModelRun:
     """The columns of one model; each method returns the column's fields (raises on failure)."""
 
-    def __init__(self, source: str, name: str, row: dict[str, Any]) -> None:
+    def __init__(self, source: str, name: str, row: dict[str, Any], exports: Path | None = None) -> None:
         self.source, self.name, self.row = source, name, row
         self._meta: Any = None
         self._cpu: Any = None
         self.tmp = tempfile.mkdtemp(prefix="sweep-")
+        self.onnx_path = (exports / f"{source}-{name}.onnx") if exports else Path(self.tmp) / "m.onnx"
 
     def model(self, real: bool = False) -> Any:
         """Built once per device: meta (shape-only, fast) unless real weights are needed."""
@@ -195,7 +196,8 @@ class ModelRun:
     def export(self) -> dict[str, Any]:
         import torch
 
-        r = _export_fn()(self.model(real=True), torch.zeros(self.shape()), Path(self.tmp) / "m.onnx")
+        self.onnx_path.unlink(missing_ok=True)  # a stale file must not stand in for a failed export
+        r = _export_fn()(self.model(real=True), torch.zeros(self.shape()), self.onnx_path)
         rel = getattr(r, "max_rel_diff", r.max_abs_diff)  # relative to the output scale: what export checks
         return {"exporter": r.exporter, "max_abs_diff": r.max_abs_diff, "max_rel_diff": rel, "tolerance": r.tolerance,
                 "parity": rel <= r.tolerance}
@@ -203,10 +205,9 @@ class ModelRun:
     def onnx(self) -> dict[str, Any]:
         from memplan.onnx_frontend import analyze_onnx
 
-        path = Path(self.tmp) / "m.onnx"
-        if not path.exists():
-            raise RuntimeError("no exported file (export column failed or was skipped)")
-        return {"peak_bytes": analyze_onnx(path).peak_bytes}
+        if not self.onnx_path.exists():
+            raise RuntimeError("no exported file (export column failed, or ran without --keep-exports)")
+        return {"peak_bytes": analyze_onnx(self.onnx_path).peak_bytes}
 
     def close(self) -> None:
         for p in Path(self.tmp).glob("*"):
@@ -230,8 +231,10 @@ def save(doc: dict[str, Any], path: Path) -> None:
     tmp.replace(path)
 
 
-def sweep(columns: list[str], path: Path, timeout: int, retry_errors: bool, only: str | None) -> dict[str, Any]:
-    """Run the missing ``columns`` of every model, saving after each column."""
+def sweep(columns: list[str], path: Path, timeout: int, retry_errors: bool, only: str | None,
+          redo: Sequence[str] = (), exports: Path | None = None) -> dict[str, Any]:
+    """Run the missing ``columns`` of every model (and the ``redo`` ones again), saving after each column;
+    with ``exports`` the exported files stay there, so the ``onnx`` column can be re-run alone."""
     doc = load(path)
     rows = doc["rows"]
     for source, name in model_names():
@@ -242,12 +245,12 @@ def sweep(columns: list[str], path: Path, timeout: int, retry_errors: bool, only
         if row.pop("running", None):  # the process died inside this model last time
             for c in columns:
                 row.setdefault(c, {"error": "crashed the sweep process"})
-        todo = [c for c in columns if c not in row or (retry_errors and "error" in row[c])]
+        todo = [c for c in columns if c not in row or c in redo or (retry_errors and "error" in row[c])]
         if not todo:
             continue
         row["running"] = True
         save(doc, path)
-        run = ModelRun(source, name, row)
+        run = ModelRun(source, name, row, exports)
         try:
             for c in todo:
                 t0 = time.perf_counter()
@@ -329,6 +332,9 @@ def main() -> None:
     parser.add_argument("--timeout", type=int, default=300, help="seconds per column per model")
     parser.add_argument("--retry-errors", action="store_true", help="redo columns that recorded an error")
     parser.add_argument("--only", help="models whose 'source:name' contains this (e.g. timm:)")
+    parser.add_argument("--redo", default="", help="comma-separated columns to run again although recorded")
+    parser.add_argument("--keep-exports", metavar="DIR", help="keep exported files in DIR (never commit them); "
+                        "the onnx column then runs without re-exporting")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--table", action="store_true", help="print the coverage table of --out and exit")
     parser.add_argument("--merge", nargs="+", metavar="FILE",
@@ -352,7 +358,11 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    doc = sweep(columns, path, args.timeout, args.retry_errors, args.only)
+    exports = Path(args.keep_exports) if args.keep_exports else None
+    if exports:
+        exports.mkdir(parents=True, exist_ok=True)
+    doc = sweep(columns, path, args.timeout, args.retry_errors, args.only,
+                [c for c in args.redo.split(",") if c], exports)
     print()
     print(coverage(doc))
 

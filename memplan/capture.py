@@ -166,6 +166,7 @@ class StorageProp(torch.fx.Interpreter):
         self._activated: set[int] = set()
         self._module_types = {name: type(m).__name__ for name, m in gm.named_modules()}
         self._recorder = AtenRecorder()
+        self._cpu_constants: dict[str, torch.Tensor] = {}
 
     def _key(self, t: torch.Tensor, kind: str) -> int:
         ref = StorageWeakRef(t.untyped_storage())
@@ -181,7 +182,7 @@ class StorageProp(torch.fx.Interpreter):
         With ``on_cpu`` the parameters are swapped for fake CPU tensors, so a model built on the
         meta device dispatches the kernels CPU PyTorch runs (meta decomposes some, e.g. ``silu_``).
         """
-        device = torch.device("cpu") if self.on_cpu else _device_of(self.module)
+        device = torch.device("cpu") if self.on_cpu else device_of(self.module)
         with self.fake_mode:
             fakes = [torch.empty(t.shape, dtype=t.dtype, device=device) for t in inputs]
         swap = fake_cpu_state(self.module, self.fake_mode) if self.on_cpu else contextlib.nullcontext()
@@ -192,7 +193,15 @@ class StorageProp(torch.fx.Interpreter):
     def get_attr(self, target: Any, args: Any, kwargs: Any) -> Any:
         """Parameters as fake tensors (memoised), so views of them share one storage key."""
         value = super().get_attr(target, args, kwargs)
-        return self.fake_mode.from_tensor(value) if isinstance(value, torch.Tensor) else value
+        if not isinstance(value, torch.Tensor):
+            return value
+        if self.on_cpu and value.device.type == "meta":  # a constant fake_cpu_state does not swap
+            if target not in self._cpu_constants:
+                with self.fake_mode:
+                    self._cpu_constants[target] = torch.empty_strided(value.shape, value.stride(),
+                                                                      dtype=value.dtype, device="cpu")
+            return self._cpu_constants[target]
+        return self.fake_mode.from_tensor(value)
 
     def run_node(self, n: torch.fx.Node) -> Any:
         args = [a for a in pytree.tree_leaves((n.args, n.kwargs)) if isinstance(a, torch.fx.Node)]
@@ -347,7 +356,7 @@ def capture(
             errors.append(f"torch.fx failed in {name}{'.' + where if where else ''} ({_short(e)})")
     if cg is None and method in ("auto", "export"):
         try:
-            real = [torch.zeros(t.shape, dtype=t.dtype, device=_device_of(model)) for t in inputs]
+            real = [torch.zeros(t.shape, dtype=t.dtype, device=device_of(model)) for t in inputs]
             with _quiet():
                 ep = torch.export.export(model, tuple(real), strict=False)
             cg = _propagate(ep.module(), "export", inputs, name)
@@ -436,7 +445,7 @@ def fake_cpu_state(model: nn.Module, fake_mode: FakeTensorMode) -> Any:
         yield
 
 
-def _device_of(model: nn.Module) -> torch.device:
+def device_of(model: nn.Module) -> torch.device:
     t = next(iter(model.parameters()), None)
     t = next(iter(model.buffers()), None) if t is None else t
     return t.device if t is not None else torch.device("cpu")

@@ -774,12 +774,12 @@ def build_student(
     """Apply ``recipe`` to a copy of ``model`` (analysed as ``analysis``) and verify the result."""
     inputs = _example(example_inputs)
     gm = copy.deepcopy(analysis.captured.gm)
-    for n in gm.graph.nodes:
-        n.meta.pop(META_KEY, None)
     nodes = {n.name: n for n in gm.graph.nodes}
     _unshare_modules(gm, recipe.changes)
-    for change in recipe.changes:
+    for change in recipe.changes:  # reading the teacher's shapes (a computed weight's kernel)
         change.apply(gm, nodes)
+    for n in gm.graph.nodes:
+        n.meta.pop(META_KEY, None)
     gm.graph.lint()
     gm.recompile()
     gm.eval()

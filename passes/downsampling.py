@@ -178,6 +178,8 @@ class _FunctionAccess:
             kernel = _square(kw["kernel_size"], node, "kernel")
         elif isinstance(kw["weight"], fx.Node) and kw["weight"].op == "get_attr":
             kernel = int(getattr_path(gm, str(kw["weight"].target)).shape[-1])
+        elif isinstance(kw["weight"], fx.Node) and META_KEY in kw["weight"].meta:  # a standardised weight
+            kernel = _square(kw["weight"].meta[META_KEY].outputs[0].shape[2:], node, "kernel")
         else:
             raise PassError(f"node '{node.name}' convolves with a computed weight; cannot read its kernel")
         stride = kw.get("stride")
@@ -224,8 +226,12 @@ def set_arguments(node: fx.Node, kw: dict) -> None:
 def normalized_kwargs(node: fx.Node) -> dict:
     """The arguments of a function node by name; overloads that only the argument types tell apart
     (``conv2d`` with ``padding="same"``) are resolved from the values' types. One-line :class:`PassError`."""
-    def kind(v: object) -> type:
-        return torch.Tensor if isinstance(v, fx.Node) else type(v)
+    def kind(v: object) -> object:
+        if isinstance(v, fx.Node):
+            return torch.Tensor
+        if isinstance(v, (tuple, list)) and v and all(isinstance(x, int) for x in v):
+            return list[int]  # a stride tuple matches the schema's int[], not only a str overload
+        return type(v)
 
     for types in (None, (tuple(kind(a) for a in node.args), {k: kind(v) for k, v in node.kwargs.items()})):
         try:

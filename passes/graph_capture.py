@@ -38,7 +38,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from memplan.capture import CapturedGraph, StorageProp, capture
+from memplan.capture import CapturedGraph, StorageProp, capture, device_of
 from memplan.errors import MemplanError, describe_error
 
 __all__ = ["MODE_ARGS", "capture_rewritable", "rewritable_graph"]
@@ -55,8 +55,9 @@ MODE_ARGS: dict[object, int] = {  # exported op -> index of its "training" argum
 def _export(model: nn.Module, inputs: Sequence[torch.Tensor]) -> fx.GraphModule:
     from torch.export import Dim
 
-    examples = tuple(torch.zeros((max(2, t.shape[0]), *t.shape[1:]) if t.dim() else (), dtype=t.dtype)
-                     for t in inputs)
+    device = device_of(model)  # a meta model exports on meta examples (a sweep never allocates)
+    examples = tuple(torch.zeros((max(2, t.shape[0]), *t.shape[1:]) if t.dim() else (), dtype=t.dtype,
+                                 device=device) for t in inputs)
     dynamic = tuple({d: Dim.AUTO for d in range(t.dim())} for t in examples)
     logging.disable(logging.WARNING)
     try:
@@ -75,6 +76,8 @@ def _export(model: nn.Module, inputs: Sequence[torch.Tensor]) -> fx.GraphModule:
         index = MODE_ARGS.get(node.target)
         if index is None or len(node.args) <= index:
             continue
+        if node.target is _ATEN.batch_norm.default and node.args[3] is None:
+            continue  # no running stats (weight standardisation): batch statistics in either mode
         if flag is None:
             with graph.inserting_before(next(n for n in graph.nodes if n.op != "placeholder")), \
                     warnings.catch_warnings():
@@ -113,6 +116,12 @@ def capture_rewritable(model: nn.Module, inputs: Sequence[torch.Tensor]) -> Capt
 
 def propagate(gm: fx.GraphModule, inputs: Sequence[torch.Tensor], method: str) -> CapturedGraph:
     """Shapes and storages of ``gm`` on fake copies of ``inputs`` (no re-tracing)."""
-    kinds = StorageProp(gm).propagate(*inputs)
+    logging.disable(logging.ERROR)  # fake tensors log the first attempt's failure at length
+    try:
+        kinds = StorageProp(gm).propagate(*inputs)
+    except Exception:  # noqa: BLE001 - a graph exported on meta has meta-bound factory calls
+        kinds = StorageProp(gm, on_cpu=False).propagate(*inputs)
+    finally:
+        logging.disable(logging.NOTSET)
     return CapturedGraph(gm=gm, method=method, input_shapes=[tuple(t.shape) for t in inputs], storage_kind=kinds,
                          model_name=gm.__class__.__name__)

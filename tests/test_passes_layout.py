@@ -261,3 +261,55 @@ def test_uncapturable_model_is_one_line() -> None:
     with pytest.raises(PassError, match="cannot capture") as info:
         analyze_downsampling(nn.Sequential(nn.Conv2d(3, 3, 1), Data()), torch.empty(1, 3, 8, 8))
     assert "\n" not in str(info.value)
+
+
+# ------------------------------------------------------------------------------------------ weight standardisation
+class StdConv(nn.Conv2d):
+    """timm's ScaledStdConv2d: the weight is standardised on every forward (a batch norm over it, no
+    running statistics) and the conv is a functional call with tuple stride/padding arguments."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, training=True,
+                         eps=1e-5).reshape_as(self.weight)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class StdNet(nn.Module):
+    def __init__(self, strides: Sequence[int] = (2, 2, 2), branch: bool = False) -> None:
+        super().__init__()
+        self.branch = branch
+        self.stem = StdConv(3, 16, 3, strides[0], 1)
+        self.conv1 = StdConv(16, 16, 3, strides[1], 1)
+        self.conv2 = StdConv(16, 8, 3, strides[2], 1)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.branch and x.shape[-1] % 2:  # control flow on a size: torch.fx cannot trace it
+            x = F.pad(x, [0, 1, 0, 1])
+        x = F.relu(self.conv2(F.relu(self.conv1(F.relu(self.stem(x))))))
+        return self.head(x.mean((2, 3)))
+
+
+def test_weight_standardised_student() -> None:
+    """The kernel of a conv whose weight is computed is read from the weight's shape. k=2 at 32x32:
+    stem stride 4, conv2 stride 1. The standardised weights are parameter-side (not activations), so
+    the teacher peaks at its stem: 3 * 32 * 32 * 4 + 16 * 16 * 16 * 4 = 28,672 B; the student's stem
+    writes 8x8: 12,288 + 4,096 = 16,384 B."""
+    student = _check_student(StdNet, (2, 2, 2), (4, 2, 1), (1, 3, 32, 32))
+    assert (analyze(_teacher(StdNet()), (1, 3, 32, 32)).peak_bytes, student.peak_bytes) == (28_672, 16_384)
+
+
+def test_weight_standardised_student_on_the_exported_graph_of_a_meta_model() -> None:
+    """Not fx-traceable and built on the meta device (as a sweep builds it): the exported graph keeps
+    the weight's batch norm in training mode (no running statistics) when the student is in eval."""
+    with torch.device("meta"):
+        teacher = StdNet(branch=True).eval()
+    assert analyze_downsampling(teacher, torch.empty(1, 3, 32, 32, device="meta")).method == "export"
+    student = aggressive_pool(teacher, torch.empty(1, 3, 32, 32, device="meta"), factor=2)
+    assert [s.student for s in student.strides] == [4, 2, 1]
+    assert student.peak_bytes == 16_384
+    real = aggressive_pool(_teacher(StdNet(branch=True)), torch.empty(1, 3, 32, 32), factor=2).module.eval()
+    reference = _teacher(StdNet((4, 2, 1)))
+    reference.load_state_dict(_teacher(StdNet()).state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(real(x), reference(x))

@@ -343,8 +343,9 @@ def main() -> None:
     path = Path(args.out)
     if args.merge:
         doc = load(path)
-        for other in args.merge:
-            doc["rows"].update(load(Path(other))["rows"])
+        for other in args.merge:  # column by column: a partial sweep adds to the rows it did
+            for key, row in load(Path(other))["rows"].items():
+                doc["rows"].setdefault(key, {}).update(row)
         save(doc, path)
         print(coverage(doc))
         return

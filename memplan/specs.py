@@ -26,10 +26,11 @@ import importlib.util
 import inspect
 import operator
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from memplan.errors import MemplanError
@@ -211,6 +212,39 @@ def default_input(spec: str) -> tuple[int, ...]:
 
         return tuple(zoo.default_input(rest))
     return DEFAULT_INPUT
+
+
+INPUT_DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "int8", "uint8", "bool")
+
+
+def example_inputs(spec: str, texts: Sequence[str] = ()) -> list[torch.Tensor]:
+    """Meta tensors for a model's forward arguments, one per ``SHAPE[:DTYPE]`` text (``--input``).
+
+    Without texts, the spec's natural input (:func:`default_input`); a zoo model that takes more than
+    the image (a denoiser's time step) gets its further arguments added, at the image's batch.
+
+    Example:
+        >>> [(tuple(t.shape), t.dtype) for t in example_inputs("zoo:ddpm_unet_small", ["4,1,32,32"])]
+        [((4, 1, 32, 32), torch.float32), ((4,), torch.int64)]
+        >>> example_inputs("zoo:resnet18", ["1,3,64,64:complex"])
+        Traceback (most recent call last):
+        ...
+        memplan.errors.MemplanError: bad input '1,3,64,64:complex': unknown dtype 'complex' (use float32, float16, bfloat16, int64, int32, int8, uint8, bool)
+    """
+    given = []
+    for text in texts:
+        shape_text, _, dtype = text.partition(":")
+        if dtype and dtype not in INPUT_DTYPES:
+            raise MemplanError(f"bad input '{text}': unknown dtype '{dtype}' (use {', '.join(INPUT_DTYPES)})")
+        given.append((parse_shape(shape_text), dtype or "float32"))
+    given = given or [(default_input(spec), "float32")]
+    prefix, _, rest = spec.partition(":")
+    if len(given) == 1 and prefix == "zoo":
+        from memplan import zoo
+
+        batch = given[0][0][0]
+        given += [(tuple(batch if d == 0 else d for d in shape), dtype) for shape, dtype in zoo.extra_inputs(rest)]
+    return [torch.empty(shape, dtype=getattr(torch, dtype), device="meta") for shape, dtype in given]
 
 
 MAX_ELEMENTS = 2**48  # beyond any memory; larger shapes are typos (and overflow int64 byte counts)

@@ -44,6 +44,37 @@ def test_user_file_callable(tmp_path, capsys):
     assert doc["peak_bytes"] == (8 + 8) * 16 * 16 * 4  # conv out + non-inplace relu out
 
 
+def test_several_inputs(tmp_path, capsys):
+    """One --input per forward argument, with its dtype. As written the add's inputs are live with
+    its output at the peak: conv 8 * 16 * 16 * 4 + embedding 8 * 4 + add 8,192 = 16,416 B."""
+    f = tmp_path / "net.py"
+    f.write_text(textwrap.dedent("""
+        import torch.nn as nn
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.conv, self.emb = nn.Conv2d(3, 8, 3, padding=1), nn.Embedding(10, 8)
+            def forward(self, x, t):
+                return self.conv(x) + self.emb(t)[:, :, None, None]
+    """))
+    argv = ["analyze", f"{f}:Net", "--input", "1,3,16,16", "--input", "1:int64", "--form", "as-written", "--json", "-"]
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["peak_bytes"] == 8 * 16 * 16 * 4 * 2 + 8 * 4 == 16_416
+
+
+def test_zoo_denoiser_gets_its_time_step(capsys):
+    """A zoo denoiser's time step is added to its image input, at the image's batch."""
+    import torch
+
+    from memplan.analyze import analyze
+    from memplan.zoo import create_model
+
+    assert main(["analyze", "zoo:ddpm_unet_small", "--input", "2,1,32,32", "--json", "-"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    x, t = torch.empty(2, 1, 32, 32, device="meta"), torch.zeros(2, dtype=torch.long, device="meta")
+    assert doc["peak_bytes"] == analyze(create_model("ddpm_unet_small"), [x, t]).peak_bytes
+
+
 @pytest.mark.parametrize(
     "argv,needle",
     [
@@ -53,6 +84,8 @@ def test_user_file_callable(tmp_path, capsys):
         (["analyze", "missing_file.py:build"], "does not exist"),
         (["analyze", "no_such_pkg_xyz.mod:build"], "cannot import"),
         (["analyze", "collections:OrderedDict"], "not a torch.nn.Module"),
+        (["analyze", "zoo:resnet18", "--input", "1,3,8,8:complex"], "unknown dtype 'complex'"),
+        (["analyze", "zoo:resnet18", "--runtime", "ort", "--input", "1,3,8,8", "--input", "1"], "one --input"),
     ],
 )
 def test_errors_are_one_line_exit_2(argv, needle, capsys):

@@ -11,14 +11,16 @@ from memplan.io import write_json
 from memplan.planner import plan_arena
 from memplan.report import fmt_bytes, format_table
 from memplan.schedule import best_order
-from memplan.specs import default_input, load_model, parse_shape
+from memplan.specs import example_inputs, load_model, parse_shape
 
 
 @command("analyze", "peak activation memory of a model: where, what is live, per stage")
 def configure(p: argparse.ArgumentParser) -> None:
     """Arguments of ``memplan analyze``."""
     p.add_argument("model", help="zoo:NAME, torchvision:NAME, timm:NAME, FILE.py:CALLABLE, pkg.module:CALLABLE or FILE.onnx")
-    p.add_argument("--input", default=None, help="input shape, e.g. 1,3,224,224")
+    p.add_argument("--input", action="append", default=None, metavar="SHAPE[:DTYPE]",
+                   help="input shape, e.g. 1,3,224,224; repeat it for each further forward argument "
+                        "(a denoiser's time step: --input 1,1,32,32 --input 1:int64)")
     p.add_argument("--form", choices=FORMS, default="deploy",
                    help="the graph's own peak: 'deploy' (default) is an idealised edge runtime (BN folded, "
                         "activations in place) for comparing architectures; 'as-written' runs every op as "
@@ -46,6 +48,13 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Execute ``memplan analyze``."""
+    texts = args.input or []
+    if (args.runtime or args.model.endswith(".onnx")) and len(texts) > 1:
+        from memplan.errors import MemplanError
+
+        raise MemplanError("--runtime and FILE.onnx take one --input (the image); "
+                           f"got {len(texts)}")
+    args.input = texts[0] if texts else None
     if args.runtime:
         from memplan.errors import MemplanError
         from memplan.ort_runtime import analyze_runtime
@@ -62,8 +71,7 @@ def run(args: argparse.Namespace) -> int:
                                    form=args.form, dtype=args.dtype, inplace_elementwise=args.inplace_elementwise)
     else:
         model = load_model(args.model)
-        shape = parse_shape(args.input) if args.input else default_input(args.model)
-        report = analyze(model, shape, form=args.form, dtype=args.dtype,
+        report = analyze(model, example_inputs(args.model, texts), form=args.form, dtype=args.dtype,
                          inplace_elementwise=args.inplace_elementwise, name=args.model)
     notes = []
     if args.runtime:

@@ -33,6 +33,7 @@ from memplan.zoo._registry import (
     ZooError,
     create_model,
     default_input,
+    extra_inputs,
     list_models,
     register_model,
 )
@@ -47,5 +48,5 @@ from memplan.zoo.vgg import VGG
 __all__ = [
     "IMAGENET_INPUT", "MODELS", "BasicBlock", "Bottleneck", "ConvNormAct", "DDPMUNet", "DenseNet", "MobileNetV2",
     "MobileNetV3", "ResNet",
-    "UNet", "UnknownModelError", "VGG", "ZooError", "create_model", "default_input", "list_models", "register_model",
+    "UNet", "UnknownModelError", "VGG", "ZooError", "create_model", "default_input", "extra_inputs", "list_models", "register_model",
 ]

@@ -43,11 +43,13 @@ class UnknownModelError(ZooError, UnknownNameError):
 MODELS: Registry[Callable[..., nn.Module]] = Registry("zoo model", unknown_error=UnknownModelError)
 
 
-def register_model(fn: ModelFn | None = None, *, default_input: tuple[int, ...] = IMAGENET_INPUT) -> Any:
+def register_model(fn: ModelFn | None = None, *, default_input: tuple[int, ...] = IMAGENET_INPUT,
+                   extra_inputs: tuple[tuple[tuple[int, ...], str], ...] = ()) -> Any:
     """Register a model constructor under its function name (usable bare or with arguments).
 
     ``default_input`` is the input shape (batch first) the model is meant for; it is what
-    :func:`default_input` returns.
+    :func:`default_input` returns. ``extra_inputs`` are the ``(shape, dtype)`` of further forward
+    arguments (a denoiser's time step), a ``0`` in a shape standing for the first input's batch.
 
     Example:
         >>> @register_model(default_input=(1, 1, 8, 8))
@@ -59,7 +61,7 @@ def register_model(fn: ModelFn | None = None, *, default_input: tuple[int, ...] 
     """
 
     def decorate(model_fn: ModelFn) -> ModelFn:
-        MODELS.add(model_fn.__name__, model_fn, default_input=tuple(default_input))
+        MODELS.add(model_fn.__name__, model_fn, default_input=tuple(default_input), extra_inputs=tuple(extra_inputs))
         return model_fn
 
     return decorate if fn is None else decorate(fn)
@@ -94,3 +96,13 @@ def default_input(name: str) -> tuple[int, ...]:
         ((1, 3, 224, 224), (1, 1, 28, 28))
     """
     return MODELS.meta(name)["default_input"]
+
+
+def extra_inputs(name: str) -> tuple[tuple[tuple[int, ...], str], ...]:
+    """The ``(shape, dtype)`` of the forward arguments after the image (:func:`register_model`).
+
+    Example:
+        >>> extra_inputs("resnet18"), extra_inputs("ddpm_unet_small")
+        ((), (((0,), 'int64'),))
+    """
+    return MODELS.meta(name)["extra_inputs"]

@@ -241,7 +241,7 @@ class DDPMUNet(nn.Module):
         return self.conv_out(self.act_out(self.norm_out(h)))
 
 
-@register_model(default_input=(1, 3, 32, 32))
+@register_model(default_input=(1, 3, 32, 32), extra_inputs=(((0,), "int64"),))  # (image, time step)
 def ddpm_unet(**kwargs: Any) -> DDPMUNet:
     """The DDPM CIFAR-10 UNet: base 128, multipliers [1,2,2,2], 2 blocks per level, attention at 16×16.
 
@@ -252,7 +252,7 @@ def ddpm_unet(**kwargs: Any) -> DDPMUNet:
     return DDPMUNet(**kwargs)
 
 
-@register_model(default_input=(1, 1, 32, 32))
+@register_model(default_input=(1, 1, 32, 32), extra_inputs=(((0,), "int64"),))
 def ddpm_unet_small(**kwargs: Any) -> DDPMUNet:
     """A CPU-sized DDPM UNet for 1×32×32 images: base 32, multipliers [1,2,2], 1 block, attention at 8×8.
 

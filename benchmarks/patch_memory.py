@@ -14,8 +14,7 @@ For the first setting the patched model is exported to ONNX (BN folded, ``target
 its peak is reported as memplan's ONNX frontend sees the file and as onnxruntime's measured RSS
 (no arena), next to the measured RSS of the unpatched export. Targets: MobileNetV2 >= 5x, ResNet18
 >= 4x, DarkNet-style >= 4x, the RED student with streaming >= 12x below the ResNet18 teacher
-(4,014,080 B), at <= 20% MAC overhead. Then the pinned plans (:data:`PINNED`): deeper splits the search's estimate ranks too low. Rows are
-written to ``benchmarks/results/patch_memory.json``
+(4,014,080 B), at <= 20% MAC overhead. Rows are written to ``benchmarks/results/patch_memory.json``
 as they finish and skipped when re-run.
 
 Usage:
@@ -49,9 +48,6 @@ TEACHER_R18 = 4_014_080  # docs/definitions.md §3
 MAX_OVERHEAD = 0.2
 # (label, stream_input, halo): halo "auto" searches recomputed halos (MCUNetV2) and cached row bands
 SETTINGS = (("resident", False, "auto"), ("stream", True, "auto"), ("stream, recompute", True, "recompute"))
-# Plans the search does not rank first (its cached-band estimate overshoots deep splits), given
-# explicitly: (model, label, split node, bands) with cached halos and the input streamed
-PINNED = (("resnet18", "stream, pinned plan", "layer2_1_relu_1", 28),)
 TARGETS = {"mobilenet_v2": 5.0, "resnet18": 4.0, "darknet53": 4.0, "resnet18_k4_red": 12.0}
 
 
@@ -189,13 +185,6 @@ def main() -> None:
             doc["rows"].append(row)
             write_json(doc, str(RESULTS))
             print_table([row])
-    for name, label, split, bands in PINNED:
-        if (args.only and name not in args.only) or (name, label) in done:
-            continue
-        row = run_setting(name, build(name), label, True, "cache", onnx=False, split_node=split, grid=(bands, 1))
-        doc["rows"].append(row)
-        write_json(doc, str(RESULTS))
-        print_table([row])
     order = {m: i for i, m in enumerate(MODELS)}
     print()
     print_table(sorted(doc["rows"], key=lambda r: (order.get(r["model"], 99), r["setting"])))

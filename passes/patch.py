@@ -974,7 +974,8 @@ def patch_model(
     cached row bands); ``budget`` picks the least MAC overhead whose peak fits
     (:class:`PatchError` naming the best reachable peak when none does); otherwise the lowest peak
     whose MAC overhead is at most ``max_mac_overhead`` (None = any). ``split_node`` fixes the split.
-    The estimate ranks every split and grid; the best ``verify`` are built and analysed exactly.
+    The estimate ranks every split and grid; the best-ranked ``verify`` splits are built and analysed
+    exactly (for cached bands, the finest bands of each as well).
     ``check`` runs both models on a seeded random input and reports ``max_abs_diff``.
     ``target`` picks the graph form. ``"torch"``: each tile is copied into one pre-allocated map (peak:
     one patch plus the map) and a border patch's windowed op runs with its own symmetric padding, the
@@ -1020,6 +1021,13 @@ def patch_model(
     if len(modes) > 1:  # verify the best of each halo mode: their estimates err differently
         by_mode = [[e for e in ranked if e.cache == m] for m in modes]
         ranked = [e for pair in itertools.zip_longest(*by_mode) for e in pair if e is not None]
+    # verify different splits first: the estimate's error depends on the split far more than on the grid
+    firsts = list({(e.cand.node, e.cache): e for e in reversed(ranked)}.values())[::-1]
+    firsts.sort(key=ranked.index)
+    # and, for cached bands, the finest bands of that split too: the estimate under-rates them
+    finest = {(e.cand.node, True): e for e in sorted((e for e in ranked if e.cache), key=lambda e: e.grid[0])}
+    trials = [t for e in firsts for t in (e, finest.get((e.cand.node, e.cache), e)) if t is e or t.grid != e.grid]
+    ranked = trials + [e for e in ranked if e not in trials]
     if budget is not None and not ranked:
         lowest = min(estimates, key=lambda e: e.peak)
         raise PatchError(f"no split and grid of {cg.model_name} fits {budget:,} bytes: the best reachable peak is "
@@ -1027,8 +1035,10 @@ def patch_model(
                          f"{lowest.grid[0]}x{lowest.grid[1]})")
     limit = None if grid is not None or budget is not None or max_mac_overhead is None else 1 + max_mac_overhead
     best: tuple[tuple, int, int, fx.GraphModule, _Estimate, MemoryReport] | None = None
-    accepted = 0
-    for e in ranked[:3 * max(1, verify)]:
+    accepted: set[tuple[str, bool]] = set()  # splits (and halo modes) verified
+    for e in ranked[:6 * max(1, verify)]:
+        if (e.cand.node, e.cache) not in accepted and len(accepted) >= verify:
+            break
         module = _Builder(cg, ops, e.cand, e.grid, stream_input, target, e.cache).build()
         peak, rep, macs = measure_patched(module, x, stream_input=stream_input, form=form)
         over = macs / total_macs if total_macs else 1.0
@@ -1038,8 +1048,8 @@ def patch_model(
         key = (0 if fits else 1, over if budget is not None and fits else peak, over)
         if best is None or key < best[0]:
             best = (key, peak, macs, module, e, rep)
-        accepted += 1
-        if (budget is not None and fits) or accepted >= verify:
+        accepted.add((e.cand.node, e.cache))
+        if budget is not None and fits:
             break
     if best is None:
         raise PatchError(f"no split and grid of {cg.model_name} stays within {max_mac_overhead:.0%} extra MACs")

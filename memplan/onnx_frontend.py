@@ -64,6 +64,7 @@ OP_KINDS: dict[str, str] = {
                      "GreaterOrEqual", "LessOrEqual", "Equal", "Where", "Max", "Min", "Sign", "Not", "And", "Or",
                      "Cast", "CastLike", "Floor", "Ceil", "Round"], "pointwise"),
     **dict.fromkeys(["Split", "Slice"], "split"),
+    "Expand": "broadcast",
     "QuantizeLinear": "quantize",
     "DequantizeLinear": "dequantize",
 }

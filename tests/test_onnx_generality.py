@@ -153,6 +153,33 @@ def test_split_pieces_are_views(tmp_path, exporter):
     assert analyze_onnx(path).peak_bytes == analyze(model, SHAPE).peak_bytes == 5 * MAP
 
 
+class ECA(nn.Module):
+    """ECA/SE-style gate broadcast with ``expand_as`` (a view in PyTorch, an ``Expand`` node in ONNX)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.gate, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        h = self.c1(x)
+        y = torch.sigmoid(self.gate(h.mean((2, 3), keepdim=True)))
+        return self.c2(h * y.expand_as(h))
+
+
+@pytest.mark.parametrize("exporter", ["memplan", "legacy11"])
+def test_broadcast_expand_is_a_view(tmp_path, exporter):
+    """An Expand only element-wise ops read is their broadcast: at the product the map h, the (1, 8)
+    gate and the product are live: 2 maps + 32 B (a materialised Expand would add a third map)."""
+    model = ECA().eval()
+    path = tmp_path / "e.onnx"
+    if exporter == "memplan":
+        export_onnx(model, torch.randn(SHAPE), path, random_samples=1)
+    else:
+        _legacy(model, SHAPE, path)
+    assert "Expand" in {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert analyze_onnx(path).peak_bytes == analyze(model, SHAPE).peak_bytes == 2 * MAP + 32
+
+
 # --------------------------------------------------------------------------- hand-built ONNX files
 def _vi(name, shape, dtype=F32):
     return helper.make_tensor_value_info(name, dtype, shape)

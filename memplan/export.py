@@ -22,6 +22,7 @@ import contextlib
 import copy
 import io
 import logging
+import math
 import os
 import tempfile
 import warnings
@@ -58,6 +59,7 @@ class ParityCheck:
     max_abs_diff: float
     max_rel_diff: float = 0.0
     output_scale: float = 0.0  # max |PyTorch output| over all outputs
+    fp32_noise: float = 0.0  # PyTorch fp32 vs fp64, relative like max_rel_diff (measured when above tolerance)
 
 
 @dataclass
@@ -93,7 +95,9 @@ class ExportResult:
         ]
         lines += [
             f"onnxruntime parity, {p.inputs} inputs ({p.samples} samples): max |diff| = {p.max_abs_diff:.3g}, "
-            f"relative to the output scale ({p.output_scale:.3g}) = {p.max_rel_diff:.3g}  (tolerance {self.tolerance:g})"
+            f"relative to the output scale ({p.output_scale:.3g}) = {p.max_rel_diff:.3g}  (tolerance {self.tolerance:g}"
+            + (f", or {NOISE_FACTOR}x PyTorch's own fp32-vs-fp64 difference {p.fp32_noise:.3g}" if p.fp32_noise else "")
+            + ")"
             for p in self.parity
         ]
         lines += [f"warning: {w}" for w in self.warnings]
@@ -379,6 +383,29 @@ def _max_diff(
     return worst, rel, scale
 
 
+NOISE_FACTOR = 4  # onnxruntime may differ from PyTorch by this many times PyTorch's own fp32 rounding
+
+
+def _fp32_noise(model: nn.Module, batches: Sequence[tuple[torch.Tensor, ...]]) -> float:
+    """How far PyTorch's own fp32 outputs are from the same model in fp64, relative like
+    :func:`_max_diff` (0.0 when the model does not run in fp64): the rounding an fp32 runtime
+    cannot avoid. A randomly initialised deep net amplifies it far beyond one ulp."""
+    try:
+        wide = copy.deepcopy(model).double()
+        rel = 0.0
+        with torch.no_grad():
+            for args in batches:
+                narrow = [t for t in pytree.tree_leaves(model(*args)) if isinstance(t, torch.Tensor)]
+                exact = [t for t in pytree.tree_leaves(wide(*(a.double() if a.is_floating_point() else a
+                                                              for a in args))) if isinstance(t, torch.Tensor)]
+                for a, b in zip(narrow, exact):
+                    scale = float(a.detach().abs().max()) if a.numel() else 0.0
+                    rel = max(rel, float((a.double() - b).abs().max()) / max(1.0, scale))
+        return rel if math.isfinite(rel) else 0.0
+    except Exception:  # noqa: BLE001 - a model without fp64 kernels: no allowance
+        return 0.0
+
+
 def _batches_of(real: torch.Tensor, batch: int | None) -> list[tuple[torch.Tensor]]:
     """Split real samples into model inputs: chunks of the exported (static) batch, else one batch."""
     if batch is None:
@@ -406,7 +433,9 @@ def export_onnx(
     ``real_inputs`` is a batch of real samples for a single-input model (shape ``(N, *sample)``).
     Parity passes when max |Δ| / max(1, max |output|) ≤ ``tolerance`` on every output: absolute
     for outputs of order one, relative to the scale of larger ones (a randomly initialised deep net's
-    logits reach 1e3–1e12, where fp32 rounding alone exceeds any fixed absolute bound). Raises
+    logits reach 1e3–1e12, where fp32 rounding alone exceeds any fixed absolute bound), or ≤
+    :data:`NOISE_FACTOR` times PyTorch's own fp32-vs-fp64 difference on the same inputs when that is
+    larger (a random deep net amplifies rounding; recorded as ``fp32_noise``). Raises
     :class:`MemplanError` (and leaves ``path`` untouched) if the opset is not supported, export, the
     checker or parity fails. ``opset`` None = the exporter's default.
 
@@ -456,11 +485,15 @@ def export_onnx(
                 real = _batches_of(real_inputs.to(args[0].dtype), None if dynamic_batch else args[0].shape[0])
                 parity.append(ParityCheck("real", int(real_inputs.shape[0]), *_max_diff(model, session, real)))
             worst = max(p.max_rel_diff for p in parity)
-            if not worst <= tolerance:
+            if not worst <= tolerance:  # allow what PyTorch's own fp32 rounding is from fp64
+                parity[0].fp32_noise = _fp32_noise(model, random)
+            allowed = max(tolerance, NOISE_FACTOR * parity[0].fp32_noise)
+            if not worst <= allowed:
                 each = ", ".join(f"{p.inputs}: max |diff| {p.max_abs_diff:.3g}, scale {p.output_scale:.3g}"
                                  for p in parity)
-                raise MemplanError(f"onnxruntime output differs from PyTorch by {worst:.3g} > {tolerance:g} "
-                                   f"relative to the output scale ({each}); {path} not written")
+                raise MemplanError(f"onnxruntime output differs from PyTorch by {worst:.3g} > {allowed:.3g} "
+                                   f"relative to the output scale ({each}; PyTorch fp32 vs fp64: "
+                                   f"{parity[0].fp32_noise:.3g}); {path} not written")
             opset_used = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
             publish(tmp, path)
         finally:

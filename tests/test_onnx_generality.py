@@ -360,6 +360,23 @@ def test_parity_is_relative_to_the_output_scale(tmp_path):
     assert "relative to the output scale" in res.summary()
 
 
+class Cancels(nn.Module):
+    """(x + 2^24) - 2^24: exact in fp64, 0 in fp32 for x = 0.5 (2^24 + 0.5 rounds to 2^24)."""
+
+    def forward(self, x):
+        return (x + 2.0**24) - 2.0**24
+
+
+def test_fp32_noise_is_pytorchs_own_rounding(tmp_path):
+    """The parity allowance is measured: PyTorch fp32 vs fp64 on the same input, relative to
+    max(1, scale). Here fp32 returns 0 where fp64 returns 0.5: noise 0.5. An export within the
+    fixed tolerance never measures it (0.0 recorded)."""
+    from memplan.export import _fp32_noise
+
+    assert _fp32_noise(Cancels(), [(torch.full((1, 4), 0.5),)]) == 0.5
+    assert export_onnx(Cancels(), torch.zeros(1, 4), tmp_path / "c.onnx").parity[0].fp32_noise == 0.0
+
+
 def test_fold_batchnorm_onnx_is_exact():
     """Conv+BN and Gemm(transB)+BN left in a file are folded; onnxruntime gives the same outputs."""
     import onnxruntime as ort

@@ -38,7 +38,7 @@ from memplan.commands.patch import export_patched
 from memplan.export import export_onnx
 from memplan.measure import measure_onnxruntime
 from memplan.onnx_frontend import analyze_onnx
-from memplan.report import write_json
+from memplan.io import write_json
 from memplan.zoo import create_model
 from passes.patch import PatchError, patch_model
 

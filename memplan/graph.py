@@ -172,6 +172,7 @@ def build_graph(
     # op names each node's value depends on; ops that return no tensor (x.size(0)) pass theirs on
     dep_ops: dict[torch.fx.Node, frozenset[str]] = {}
     counted = {s for s, k in cg.storage_kind.items() if k != "param"}
+    attention: list[tuple[int, torch.fx.Node]] = []  # (op index, node) of fused attention ops
 
     def scaled(nbytes: int, tensor_dtype: torch.dtype) -> int:
         if not tensor_dtype.is_floating_point:
@@ -212,6 +213,8 @@ def build_graph(
             if tm.storage in counted and tm.storage not in storages:
                 new_storage(tm, n.name, meta.module)
                 writes.append(tm.storage)
+        if form == "deploy" and target_name(n, gm).lstrip("_").startswith(ATTENTION_OPS):
+            attention.append((len(ops), n))
         dep_ops[n] = frozenset([n.name])
         ops.append(Op(
             name=n.name, op=target_name(n, gm), kind=op_kind(n, gm), module=meta.module,
@@ -223,7 +226,37 @@ def build_graph(
     g = MemGraph(ops, storages, form=form, dtype=dtype, method=cg.method, model_name=cg.model_name,
                  input_shapes=list(cg.input_shapes))
     drop_byproducts(g)
+    for i, n in attention:  # after the by-products: nobody reads them either, but they are the op's memory
+        extra = attention_scores(n, storages, _meta(n).module, scaled)
+        g.ops[i] = replace(g.ops[i], writes=(*g.ops[i].writes, *extra))
     return apply_form(g, form, inplace_elementwise)
+
+
+ATTENTION_OPS = ("scaled_dot_product",)  # F.scaled_dot_product_attention and its ATen kernels
+
+
+def attention_scores(n: torch.fx.Node, storages: dict[int, Storage], module: str,
+                     scaled: Callable[[int, torch.dtype], int]) -> list[int]:
+    """The ``(..., L, S)`` scores a fused attention op computes in deploy form, as the math
+    implementation, an exported ONNX graph (MatMul, Softmax, MatMul) and any runtime without a fused
+    attention kernel hold them (docs/definitions.md §2): scores and softmax live together, then the
+    softmax and the output. The op's extra storages (nobody reads them, so they live during the op
+    only) are the scores and ``max(0, scores - output)``: with its output, ``max(2 scores, scores + output)``."""
+    args = [a for a in n.args[:2] if isinstance(a, torch.fx.Node)]
+    if len(args) < 2:
+        return []
+    q, k = (_meta(a).outputs[0] for a in args)
+    if len(q.shape) < 2 or len(k.shape) < 2:
+        return []
+    shape = (*q.shape[:-1], k.shape[-2])
+    scores = scaled(math.prod(shape) * q.nbytes // max(1, math.prod(q.shape)), q.dtype)
+    out = scaled(_meta(n).outputs[0].nbytes, _meta(n).outputs[0].dtype) if _meta(n).outputs else 0
+    ids = []
+    for nbytes in (scores, max(0, scores - out)):
+        sid = min(0, *storages) - 1  # below every captured storage id
+        storages[sid] = Storage(sid, nbytes, shape, str(q.dtype).replace("torch.", ""), n.name, module)
+        ids.append(sid)
+    return ids
 
 
 def is_alias(op: Op) -> bool:

@@ -180,6 +180,30 @@ def test_broadcast_expand_is_a_view(tmp_path, exporter):
     assert analyze_onnx(path).peak_bytes == analyze(model, SHAPE).peak_bytes == 2 * MAP + 32
 
 
+class SDPA(nn.Module):
+    """Two heads of self-attention over 64 tokens with ``F.scaled_dot_product_attention``."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(16, 48), nn.Linear(16, 16)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, 2, 8).permute(2, 0, 3, 1, 4).unbind(0)
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
+
+
+def test_fused_attention_holds_its_scores_in_deploy_form(tmp_path):
+    """A fused attention op holds the scores and their softmax in deploy form, as its exported
+    MatMul/Softmax/MatMul does: 2 x (1, 2, 64, 64) fp32 = 65,536 B beside the qkv projection
+    (12,288 B). As written, PyTorch's CPU kernel is one op: only qkv and the output (16,384 B)."""
+    model = SDPA().eval()
+    export_onnx(model, torch.randn(1, 64, 16), tmp_path / "a.onnx", random_samples=1)
+    assert analyze_onnx(tmp_path / "a.onnx").peak_bytes == analyze(model, (1, 64, 16)).peak_bytes \
+        == 2 * 2 * 64 * 64 * 4 + 12_288
+    assert analyze(model, (1, 64, 16), form="as-written").peak_bytes == 12_288 + 4_096
+
+
 # --------------------------------------------------------------------------- hand-built ONNX files
 def _vi(name, shape, dtype=F32):
     return helper.make_tensor_value_info(name, dtype, shape)

@@ -387,12 +387,24 @@ def _rule_split_views(m: _Merger, op: Op) -> int | None:
 
 
 def _rule_broadcast_view(m: _Merger, op: Op) -> int | None:
-    """An ``Expand`` only broadcasting element-wise ops read is their broadcast of its input (PyTorch's
-    ``expand`` is a view): no new storage."""
+    """An ``Expand`` that only element-wise ops (which broadcast) and layout copies (``Transpose``,
+    which write their own output) read is a broadcast view of its input, as PyTorch's ``expand`` is:
+    no new storage."""
     if len(op.reads) != 1 or len(op.writes) != 1 or m.g.storages[op.writes[0]].is_output:
         return None
     readers = m.readers[m.find(op.writes[0])]
-    return op.reads[0] if readers and all(m.kind[r] == "eltwise" for r in readers) else None
+    return op.reads[0] if readers and all(m.kind[r] in ("eltwise", "layout") for r in readers) else None
+
+
+def _rule_layout_view(m: _Merger, op: Op) -> int | None:
+    """A layout copy (``Transpose``) is a view, as ``permute`` is in PyTorch, when only ops that read
+    strided operands read it: element-wise ops, matmuls (a transposed operand), broadcasts and
+    further layout ops."""
+    if len(op.reads) != 1 or len(op.writes) != 1 or m.g.storages[op.writes[0]].is_output:
+        return None
+    readers = m.readers[m.find(op.writes[0])]
+    strided = ("layout", "broadcast", "eltwise", "linear")
+    return op.reads[0] if readers and all(m.kind[r] in strided for r in readers) else None
 
 
 def _rule_dequantize(m: _Merger, op: Op) -> int | None:
@@ -508,7 +520,7 @@ FUSED = "fused"  # the rule for ops of a fused activation region, ahead of their
 
 FORM_RULES: dict[str, dict[str, Rule]] = {
     "deploy": {"bn": _rule_fold_bn, "act": _rule_inplace_act, "pad": _rule_fold_pad, "split": _rule_split_views,
-               "broadcast": _rule_broadcast_view, "dequantize": _rule_dequantize, "quantize": _rule_quantize, FUSED: _rule_fused},
+               "broadcast": _rule_broadcast_view, "layout": _rule_layout_view, "dequantize": _rule_dequantize, "quantize": _rule_quantize, FUSED: _rule_fused},
     "as-written": {},
 }
 VIEW_KINDS = frozenset({"split"})  # every output of these ops joins the storage their rule returns

@@ -65,6 +65,7 @@ OP_KINDS: dict[str, str] = {
                      "Cast", "CastLike", "Floor", "Ceil", "Round"], "pointwise"),
     **dict.fromkeys(["Split", "Slice"], "split"),
     "Expand": "broadcast",
+    "Transpose": "layout",  # a copy in another order (a view plus contiguous in PyTorch)
     "QuantizeLinear": "quantize",
     "DequantizeLinear": "dequantize",
 }
@@ -333,16 +334,25 @@ def graph_from_onnx(
     return apply_form(g, form, inplace_elementwise), param_bytes
 
 
+def _constant(graph: onnx.GraphProto, name: str) -> onnx.TensorProto | None:
+    """The initializer or ``Constant`` node value called ``name``, else None."""
+    return next((t for t in graph.initializer if t.name == name), None) or next(
+        (onnx.helper.get_attribute_value(a) for n in graph.node if n.op_type == "Constant" and
+         n.output[0] == name for a in n.attribute if a.name == "value"), None)
+
+
 def _kind(node: onnx.NodeProto, graph: onnx.GraphProto) -> str:
-    """The node's op kind (:data:`OP_KINDS`); a ``Pad`` is ``pad`` when it pads with constant zeros."""
+    """The node's op kind (:data:`OP_KINDS`); a ``Pad`` is ``pad`` when it pads with constant zeros; a
+    ``Gather`` of one constant index is a ``split`` piece (PyTorch's ``select``/``x[i]``, a view)."""
+    if node.op_type == "Gather":
+        t = _constant(graph, node.input[1]) if len(node.input) > 1 else None
+        return "split" if t is not None and list(t.dims) == [] else "other"
     if node.op_type != "Pad":
         return OP_KINDS.get(node.op_type, "other")
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     value = attrs.get("value", 0.0)  # opset < 11; later the optional third input
     if len(node.input) > 2 and node.input[2]:
-        t = next((t for t in graph.initializer if t.name == node.input[2]), None) or next(
-            (onnx.helper.get_attribute_value(a) for n in graph.node if n.op_type == "Constant" and
-             n.output[0] == node.input[2] for a in n.attribute if a.name == "value"), None)
+        t = _constant(graph, node.input[2])
         value = onnx.numpy_helper.to_array(t).item() if t is not None and list(t.dims) in ([], [1]) else None
     return "pad" if attrs.get("mode", b"constant") in (b"constant", "constant") and value == 0 else "other"
 

@@ -204,6 +204,43 @@ def test_fused_attention_holds_its_scores_in_deploy_form(tmp_path):
     assert analyze(model, (1, 64, 16), form="as-written").peak_bytes == 12_288 + 4_096
 
 
+class TransposedSum(nn.Module):
+    """``h.transpose(2, 3) + h``: a view read by an add in PyTorch, a ``Transpose`` copy in ONNX."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        h = self.c1(x)
+        return self.c2(h.transpose(2, 3) + h)
+
+
+class Selected(nn.Module):
+    """Two halves of a map picked with ``p[:, 0]`` / ``p[:, 1]``: views in PyTorch, ``Gather`` in ONNX."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        p = self.c1(x).reshape(1, 2, 4, 16, 16)
+        return self.c2(p[:, 0] * p[:, 1])
+
+
+@pytest.mark.parametrize("model,op,expected", [
+    (TransposedSum, "Transpose", 2 * MAP),  # h and the sum (a materialised Transpose: 3 maps)
+    (Selected, "Gather", 3 * MAP // 2),  # the map and the half-size product (copied halves: 2 maps)
+])
+def test_layout_views_match_pytorch(tmp_path, model, op, expected):
+    """A Transpose read only by strided readers (element-wise, matmul, layout) and the constant-index
+    Gather pieces of a map are views of it, as permute and select are in PyTorch."""
+    m = model().eval()
+    export_onnx(m, torch.randn(SHAPE), tmp_path / "v.onnx", random_samples=1)
+    assert op in {n.op_type for n in onnx.load(str(tmp_path / "v.onnx")).graph.node}
+    assert analyze_onnx(tmp_path / "v.onnx").peak_bytes == analyze(m, SHAPE).peak_bytes == expected
+
+
 # --------------------------------------------------------------------------- hand-built ONNX files
 def _vi(name, shape, dtype=F32):
     return helper.make_tensor_value_info(name, dtype, shape)

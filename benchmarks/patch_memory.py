@@ -117,7 +117,7 @@ def run_setting(name: str, model: nn.Module, setting: str, stream: bool, halo: s
     row: dict = {"model": name, "setting": setting, "input": list(SHAPE)}
     t = time.perf_counter()
     try:
-        r = patch_model(model, SHAPE, stream_input=stream, max_mac_overhead=MAX_OVERHEAD, halo=halo, verify=2,
+        r = patch_model(model, SHAPE, stream_input=stream, max_mac_overhead=MAX_OVERHEAD, halo=halo, verify=3,
                         **fixed)
     except PatchError as e:
         return {**row, "error": str(e)}

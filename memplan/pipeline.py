@@ -252,7 +252,7 @@ def _deploy_shape(config: PipelineConfig, bundle: DataBundle) -> tuple[int, ...]
 # export, analysis, measurement
 
 
-def _ort_accuracy(path: Path, images: torch.Tensor, labels: torch.Tensor) -> float:
+def ort_accuracy(path: Path, images: torch.Tensor, labels: torch.Tensor) -> float:
     """Top-1 accuracy (%) of an ONNX classifier in onnxruntime, one image at a time (a static batch of 1)."""
     import onnxruntime as ort
 
@@ -276,7 +276,7 @@ def _int8(name: str, onnx_path: Path, shape: tuple[int, ...], bundle: DataBundle
     report = measure(str(path), shape, name=f"{name} int8", runs=config.latency_runs, threads=config.ort_threads)
     theory = {e.label: e.peak_bytes for e in report.theory}
     measured = {m.backend: m for m in report.measured}
-    return Int8Summary(str(path), _ort_accuracy(path, test, bundle.test.labels), q.top1_agreement, q.max_abs_diff,
+    return Int8Summary(str(path), ort_accuracy(path, test, bundle.test.labels), q.top1_agreement, q.max_abs_diff,
                        theory["deploy"], theory["onnxruntime's optimized graph"],
                        int(measured["onnxruntime, arena"].peak_bytes), float(measured["onnxruntime, arena"].latency_ms))
 

@@ -438,6 +438,20 @@ def test_fp32_noise_is_pytorchs_own_rounding(tmp_path):
     assert export_onnx(Cancels(), torch.zeros(1, 4), tmp_path / "c.onnx").parity[0].fp32_noise == 0.0
 
 
+def test_parity_above_the_tolerance_measures_the_fp32_noise(tmp_path):
+    """Above the fixed tolerance (here 0: any difference) the fp64 run is made and its difference is
+    either the allowance the export passed with or named in the refusal."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1)).eval()
+    try:
+        res = export_onnx(model, torch.randn(1, 3, 8, 8), tmp_path / "n.onnx", tolerance=0.0)
+    except MemplanError as e:
+        assert "PyTorch fp32 vs fp64" in str(e)
+    else:
+        p = res.parity[0]
+        assert 0.0 < p.max_rel_diff <= 4 * p.fp32_noise and "fp32-vs-fp64" in res.summary()
+
+
 def test_fold_batchnorm_onnx_is_exact():
     """Conv+BN and Gemm(transB)+BN left in a file are folded; onnxruntime gives the same outputs."""
     import onnxruntime as ort

@@ -4,7 +4,7 @@ Models: the zoo's resnet18, resnet50, mobilenet_v2, vgg11_bn, densenet121; ``dar
 DarkNet-53-style net with a stride-1 stem defined in this file (3x3/1 stem conv, five stages of a
 3x3/2 conv and [1, 2, 8, 8, 4] residual blocks of 1x1 C/2 + 3x3 C, BN + LeakyReLU(0.1), global pool,
 linear); and ``resnet18_k4_red``, the ResNet18 k=4 student (``passes.aggressive_pool``) with RED
-blocks at input+output (``passes.attach_red``).
+blocks at input+output (``distill.red.attach_red``).
 
 Per model four settings, all with at most 20% extra MACs: input resident, input streamed per patch
 (``--stream-input``), both searching recomputed halos (MCUNetV2) and cached row bands
@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 import passes
+from distill.red import attach_red
 from memplan.commands.patch import export_patched
 from memplan.export import export_onnx
 from memplan.io import write_json
@@ -105,7 +106,7 @@ def build(name: str) -> nn.Module:
         return _randomize_bn(DarkNetStyle(), 0)
     if name == "resnet18_k4_red":
         student = passes.aggressive_pool(create_model("resnet18"), torch.empty(SHAPE), factor=4)
-        return _randomize_bn(passes.attach_red(student.module, student.stage_map), 0)
+        return _randomize_bn(attach_red(student.module, student.stage_map, "input+output"), 0)
     return _randomize_bn(create_model(name), 0)
 
 

@@ -36,16 +36,18 @@ def test_coverage_table_counts_cnns_and_refusals():
     AbsorbError refusal is counted apart; ONNX peaks must be within 1 % of PyTorch's deploy peak."""
     rows = {
         "a": {"source": "timm", "model": "a", "attention": False, "student": {"ratio": 4.0},
-              "deploy": {"peak_bytes": 100}, "onnx": {"peak_bytes": 100}},
+              "deploy": {"peak_bytes": 100}, "export": {"parity": True}, "onnx": {"peak_bytes": 100}},
         "b": {"source": "timm", "model": "b", "attention": False, "student": {"error": "AbsorbError: none"},
-              "deploy": {"peak_bytes": 100}, "onnx": {"peak_bytes": 102}},
-        "c": {"source": "timm", "model": "c", "attention": True, "student": {"error": "PassError: x"}},
+              "deploy": {"peak_bytes": 100}, "export": {"parity": True}, "onnx": {"peak_bytes": 102}},
+        "c": {"source": "timm", "model": "c", "attention": True, "student": {"error": "PassError: x"},
+              "deploy": {"peak_bytes": 100}, "export": {"error": "EncodeError: big"}, "onnx": {"error": "no file"}},
         "d": {"source": "segmentation", "model": "d", "attention": False, "student": {"error": "PassError: y"}},
     }
     table = model_sweep.coverage({"rows": rows})
-    lines = {line.split()[0] + (" " + line.split()[1] if line.startswith("student (") else ""): line.split()
-             for line in table.splitlines() if line.strip() and not line.startswith(" ")}
+    lines = {line.split()[0] + (" " + line.split()[1] if line.split()[1].startswith("(") else ""): line.split()
+             for line in table.splitlines() if len(line.split()) > 1 and not line.startswith(" ")}
     assert lines["student"][1:3] == ["1", "4"]
     assert lines["student (CNNs)"][2:4] == ["1", "2"]
-    assert lines["onnx"][1:3] == ["1", "2"]
+    assert lines["onnx"][1:3] == ["1", "3"]
+    assert "onnx (exported models)     1      2" in table
     assert "(AbsorbError): 1" in table

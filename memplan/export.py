@@ -436,7 +436,8 @@ def export_onnx(
     for outputs of order one, relative to the scale of larger ones (a randomly initialised deep net's
     logits reach 1e3–1e12, where fp32 rounding alone exceeds any fixed absolute bound), or ≤
     :data:`NOISE_FACTOR` times PyTorch's own fp32-vs-fp64 difference on the same inputs when that is
-    larger (a random deep net amplifies rounding; recorded as ``fp32_noise``). Raises
+    larger and ``tolerance`` is positive (a random deep net amplifies rounding; recorded as
+    ``fp32_noise``). Raises
     :class:`MemplanError` (and leaves ``path`` untouched) if the opset is not supported, export, the
     checker or parity fails. ``opset`` None = the exporter's default.
 
@@ -488,7 +489,8 @@ def export_onnx(
             worst = max(p.max_rel_diff for p in parity)
             if not worst <= tolerance:  # allow what PyTorch's own fp32 rounding is from fp64
                 parity[0] = dataclasses.replace(parity[0], fp32_noise=_fp32_noise(model, random))
-            allowed = max(tolerance, NOISE_FACTOR * parity[0].fp32_noise)
+            # a tolerance of 0 (or below) asks for exactly that: no allowance
+            allowed = max(tolerance, NOISE_FACTOR * parity[0].fp32_noise) if tolerance > 0 else tolerance
             if not worst <= allowed:
                 each = ", ".join(f"{p.inputs}: max |diff| {p.max_abs_diff:.3g}, scale {p.output_scale:.3g}"
                                  for p in parity)

@@ -34,6 +34,15 @@ def _legacy(model, shape, path, opset=11):
     return path
 
 
+def _exported(model, path, exporter):
+    """Export ``model`` at SHAPE with memplan's exporter or the legacy one; the file's op types."""
+    if exporter == "memplan":
+        export_onnx(model, torch.randn(SHAPE), path, random_samples=1)
+    else:
+        _legacy(model, SHAPE, path)
+    return {n.op_type for n in onnx.load(str(path)).graph.node}
+
+
 class HardSwishByHand(nn.Module):
     def forward(self, x):
         return x * F.relu6(x + 3.0) / 6.0
@@ -71,11 +80,7 @@ def test_decomposed_activation_is_one_activation(tmp_path, act, exporter):
     frontends (unfused, SiLU alone would hold three at its Mul)."""
     model = Chain(ACTS[act]).eval()
     path = tmp_path / "m.onnx"
-    if exporter == "memplan":
-        export_onnx(model, torch.randn(SHAPE), path, random_samples=1)
-    else:
-        _legacy(model, SHAPE, path)
-    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    ops = _exported(model, path, exporter)
     assert analyze(model, SHAPE).peak_bytes == 2 * MAP
     assert analyze_onnx(path).peak_bytes == 2 * MAP, sorted(ops)
     assert analyze_onnx(path, form="as-written").peak_bytes >= 2 * MAP
@@ -145,11 +150,7 @@ def test_split_pieces_are_views(tmp_path, exporter):
     lives until the concat, beside relu(conv(b)) and the concat's output: 16 + 8 + 16 channels."""
     model = CSP().eval()
     path = tmp_path / "c.onnx"
-    if exporter == "memplan":
-        export_onnx(model, torch.randn(SHAPE), path, random_samples=1)
-    else:
-        _legacy(model, SHAPE, path)
-    assert {"Split", "Slice"} & {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert {"Split", "Slice"} & _exported(model, path, exporter)
     assert analyze_onnx(path).peak_bytes == analyze(model, SHAPE).peak_bytes == 5 * MAP
 
 
@@ -172,11 +173,7 @@ def test_broadcast_expand_is_a_view(tmp_path, exporter):
     gate and the product are live: 2 maps + 32 B (a materialised Expand would add a third map)."""
     model = ECA().eval()
     path = tmp_path / "e.onnx"
-    if exporter == "memplan":
-        export_onnx(model, torch.randn(SHAPE), path, random_samples=1)
-    else:
-        _legacy(model, SHAPE, path)
-    assert "Expand" in {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert "Expand" in _exported(model, path, exporter)
     assert analyze_onnx(path).peak_bytes == analyze(model, SHAPE).peak_bytes == 2 * MAP + 32
 
 
@@ -236,8 +233,7 @@ def test_layout_views_match_pytorch(tmp_path, model, op, expected):
     """A Transpose read only by strided readers (element-wise, matmul, layout) and the constant-index
     Gather pieces of a map are views of it, as permute and select are in PyTorch."""
     m = model().eval()
-    export_onnx(m, torch.randn(SHAPE), tmp_path / "v.onnx", random_samples=1)
-    assert op in {n.op_type for n in onnx.load(str(tmp_path / "v.onnx")).graph.node}
+    assert op in _exported(m, tmp_path / "v.onnx", "memplan")
     assert analyze_onnx(tmp_path / "v.onnx").peak_bytes == analyze(m, SHAPE).peak_bytes == expected
 
 

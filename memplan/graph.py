@@ -368,12 +368,18 @@ def _rule_inplace_eltwise(m: _Merger, op: Op) -> int | None:
     return None
 
 
-def _rule_fold_pad(m: _Merger, op: Op) -> int | None:
-    """A zero padding only convs read is their own padding (as exporters fold it): no new storage."""
-    if len(op.reads) != 1 or len(op.writes) != 1:
+def _input_if_read_only_by(m: _Merger, op: Op, kinds: tuple[str, ...], *, output_ok: bool = False) -> int | None:
+    """The one storage ``op`` reads, when ops of ``kinds`` are the only readers of the one it writes
+    (not a model output unless ``output_ok``): the storage the op's output is a view of."""
+    if len(op.reads) != 1 or len(op.writes) != 1 or (not output_ok and m.g.storages[op.writes[0]].is_output):
         return None
     readers = m.readers[m.find(op.writes[0])]
-    return op.reads[0] if readers and all(m.kind[r] == "conv" for r in readers) else None
+    return op.reads[0] if readers and all(m.kind[r] in kinds for r in readers) else None
+
+
+def _rule_fold_pad(m: _Merger, op: Op) -> int | None:
+    """A zero padding only convs read is their own padding (as exporters fold it): no new storage."""
+    return _input_if_read_only_by(m, op, ("conv",), output_ok=True)
 
 
 def _rule_split_views(m: _Merger, op: Op) -> int | None:
@@ -390,21 +396,14 @@ def _rule_broadcast_view(m: _Merger, op: Op) -> int | None:
     """An ``Expand`` that only element-wise ops (which broadcast) and layout copies (``Transpose``,
     which write their own output) read is a broadcast view of its input, as PyTorch's ``expand`` is:
     no new storage."""
-    if len(op.reads) != 1 or len(op.writes) != 1 or m.g.storages[op.writes[0]].is_output:
-        return None
-    readers = m.readers[m.find(op.writes[0])]
-    return op.reads[0] if readers and all(m.kind[r] in ("eltwise", "layout") for r in readers) else None
+    return _input_if_read_only_by(m, op, ("eltwise", "layout"))
 
 
 def _rule_layout_view(m: _Merger, op: Op) -> int | None:
     """A layout copy (``Transpose``) is a view, as ``permute`` is in PyTorch, when only ops that read
     strided operands read it: element-wise ops, matmuls (a transposed operand), broadcasts and
     further layout ops."""
-    if len(op.reads) != 1 or len(op.writes) != 1 or m.g.storages[op.writes[0]].is_output:
-        return None
-    readers = m.readers[m.find(op.writes[0])]
-    strided = ("layout", "broadcast", "eltwise", "linear")
-    return op.reads[0] if readers and all(m.kind[r] in strided for r in readers) else None
+    return _input_if_read_only_by(m, op, ("layout", "broadcast", "eltwise", "linear"))
 
 
 def _rule_dequantize(m: _Merger, op: Op) -> int | None:

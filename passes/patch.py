@@ -1022,11 +1022,14 @@ def patch_model(
         by_mode = [[e for e in ranked if e.cache == m] for m in modes]
         ranked = [e for pair in itertools.zip_longest(*by_mode) for e in pair if e is not None]
     # verify different splits first: the estimate's error depends on the split far more than on the grid
-    firsts = list({(e.cand.node, e.cache): e for e in reversed(ranked)}.values())[::-1]
-    firsts.sort(key=ranked.index)
-    # and, for cached bands, the finest bands of that split too: the estimate under-rates them
-    finest = {(e.cand.node, True): e for e in sorted((e for e in ranked if e.cache), key=lambda e: e.grid[0])}
-    trials = [t for e in firsts for t in (e, finest.get((e.cand.node, e.cache), e)) if t is e or t.grid != e.grid]
+    firsts: dict[tuple[str, bool], _Estimate] = {}  # the best estimate of each split (and halo mode)
+    finest: dict[tuple[str, bool], _Estimate] = {}  # and, for cached bands, its most bands: under-rated
+    for e in ranked:
+        key = (e.cand.node, e.cache)
+        firsts.setdefault(key, e)
+        if e.cache and (key not in finest or e.grid[0] > finest[key].grid[0]):
+            finest[key] = e
+    trials = [t for key, e in firsts.items() for t in (e, finest.get(key, e)) if t is e or t.grid != e.grid]
     ranked = trials + [e for e in ranked if e not in trials]
     if budget is not None and not ranked:
         lowest = min(estimates, key=lambda e: e.peak)

@@ -41,7 +41,7 @@ from torch import nn
 from memplan.capture import CapturedGraph, StorageProp, capture, device_of
 from memplan.errors import MemplanError, describe_error
 
-__all__ = ["MODE_ARGS", "capture_rewritable", "rewritable_graph"]
+__all__ = ["MODE_ARGS", "anchor_sizes", "capture_rewritable", "rewritable_graph"]
 
 _ATEN = torch.ops.aten
 MODE_ARGS: dict[object, int] = {  # exported op -> index of its "training" argument
@@ -68,6 +68,7 @@ def _export(model: nn.Module, inputs: Sequence[torch.Tensor]) -> fx.GraphModule:
     exported = ep.module()
     gm = fx.GraphModule(exported, exported.graph, type(model).__name__)
     graph = gm.graph
+    anchor_sizes(graph)
     for node in list(graph.nodes):
         if node.op == "call_module" and not node.users:  # export's shape-guard call
             graph.erase_node(node)
@@ -87,6 +88,73 @@ def _export(model: nn.Module, inputs: Sequence[torch.Tensor]) -> fx.GraphModule:
     graph.lint()
     gm.recompile()
     return gm
+
+
+def _expr(node: fx.Node) -> object:
+    val = node.meta.get("val")
+    return val.node.expr if isinstance(val, torch.SymInt) else None
+
+
+def _nearest_dims(node: fx.Node, limit: int = 256) -> dict[object, tuple[fx.Node, int]]:
+    """Symbolic size expression -> (tensor, dim) of the nearest tensor ``node`` is computed from that has
+    a dim of that size (breadth-first over the tensors it reads, at most ``limit`` tensors)."""
+    def tensors(n: fx.Node) -> list[fx.Node]:  # inputs holding a tensor or a list of them (split)
+        return [a for a in n.all_input_nodes if isinstance(a.meta.get("val"), (torch.Tensor, list, tuple))]
+
+    found: dict[object, tuple[fx.Node, int]] = {}
+    queue, seen = tensors(node), set()
+    while queue and len(seen) < limit:
+        t = queue.pop(0)
+        if t in seen:
+            continue
+        seen.add(t)
+        for d, size in enumerate(t.meta["val"].shape if isinstance(t.meta["val"], torch.Tensor) else ()):
+            if isinstance(size, torch.SymInt) and not size.node.expr.is_number:
+                found.setdefault(size.node.expr, (t, d))
+        queue += tensors(t)
+    return found
+
+
+def anchor_sizes(graph: fx.Graph) -> None:
+    """Read every size an op uses from the nearest tensor that has it.
+
+    torch.export writes every size as an expression of the *model input's* dims (``(H - 1) // 16 + 1``),
+    which stays true only while the strides between the input and the op stay the teacher's. A student
+    changes those strides, so a ``reshape(B, C, h, w)`` back to a map must read ``h`` and ``w`` from the
+    map it reshapes. Each size argument (or part of one) whose expression equals a dim of a tensor the op
+    is computed from becomes ``sym_size`` of the nearest such tensor: the same value in the teacher, the
+    local value after a rewrite.
+    """
+    for node in list(graph.nodes):
+        if node.op != "call_function" or not isinstance(node.meta.get("val"), torch.Tensor):
+            continue
+        args = [a for a in node.all_input_nodes if _expr(a) is not None]
+        if not args:
+            continue
+        dims, made = _nearest_dims(node), {}
+        replace = {a: _local_size(graph, node, a, dims, made) for a in args}
+        if any(v is not k for k, v in replace.items()):
+            node.args, node.kwargs = fx.map_arg((node.args, node.kwargs), lambda a, r=replace: r.get(a, a))
+    graph.eliminate_dead_code()
+
+
+def _local_size(graph: fx.Graph, user: fx.Node, s: fx.Node, dims: dict[object, tuple[fx.Node, int]],
+                made: dict[fx.Node, fx.Node]) -> fx.Node:
+    """``s`` (a size expression ``user`` reads) rebuilt from the nearest tensors' sizes (:func:`anchor_sizes`)."""
+    if s in made:
+        return made[s]
+    new, anchor = s, dims.get(_expr(s))
+    if anchor is not None and not (s.target is _ATEN.sym_size.int and s.args == anchor):
+        with graph.inserting_before(user):
+            new = graph.call_function(_ATEN.sym_size.int, anchor)
+        new.meta["val"] = s.meta["val"]
+    elif anchor is None and s.op == "call_function":
+        inner = {a: _local_size(graph, user, a, dims, made) for a in s.all_input_nodes if _expr(a) is not None}
+        if any(v is not k for k, v in inner.items()):
+            with graph.inserting_before(user):
+                new = graph.node_copy(s, lambda a: inner.get(a, a))
+    made[s] = new
+    return new
 
 
 def rewritable_graph(model: nn.Module, inputs: Sequence[torch.Tensor]) -> tuple[fx.GraphModule, str]:

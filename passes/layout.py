@@ -199,14 +199,38 @@ def _reduce(node: fx.Node, ins: Inputs, out: tuple[int, ...]) -> Layout:
     return Layout(tuple(kept)) if len(kept) == len(out) else _positional(node, ins, out)
 
 
+def _matmul(node: fx.Node, ins: Inputs, out: tuple[int, ...]) -> Layout:
+    """``matmul``/``bmm``/``mm`` (``addmm``/``baddbmm`` after their bias): rows come from the first
+    operand, columns from the second, leading (batch) dims broadcast."""
+    name = target_name(node, node.graph.owning_module).lower()
+    operands = ins[1:3] if name in ("addmm", "baddbmm") else ins[:2]
+    if len(operands) < 2 or min(len(operands[0][0]), len(operands[1][0]), len(out)) < 2:
+        return _positional(node, ins, out)
+    (sa, la), (sb, lb) = operands
+    if out[-2] != sa[-2] or out[-1] != sb[-1]:
+        return _positional(node, ins, out)
+    batch = _positional(node, [(s[:-2], Layout(lay.dims[:-2])) for s, lay in operands], out[:-2])
+    return Layout((*batch.dims, la.dims[-2], lb.dims[-1]))
+
+
+def _linear(node: fx.Node, ins: Inputs, out: tuple[int, ...]) -> Layout:
+    """``linear``: every dim of the input but the last, whose features come from the weight."""
+    shape, lay = ins[0]
+    return Layout((*lay.dims[:-1], NONE)) if len(shape) == len(out) else _positional(node, ins, out)
+
+
 HANDLERS: dict[str, Handler] = {
+    **dict.fromkeys(("matmul", "bmm", "mm", "baddbmm", "addmm"), _matmul),
+    "linear": _linear,
     **dict.fromkeys(("permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "t"), _permute),
     **dict.fromkeys(("view", "reshape", "_unsafe_view", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as",
                      "reshape_as", "contiguous", "clone", "alias"), _reshape),
     **dict.fromkeys(("sum", "mean", "amax", "amin", "max", "min", "prod", "std", "var", "logsumexp", "norm",
                      "nansum", "argmax", "argmin", "any", "all"), _reduce),
 }
-_MODULE_HANDLERS: dict[type[torch.nn.Module], Handler] = {torch.nn.Flatten: _reshape, torch.nn.Unflatten: _reshape}
+_MODULE_HANDLERS: dict[type[torch.nn.Module], Handler] = {
+    torch.nn.Flatten: _reshape, torch.nn.Unflatten: _reshape, torch.nn.Linear: _linear,
+}
 
 
 def _handler(gm: fx.GraphModule, node: fx.Node) -> Handler:

@@ -21,7 +21,7 @@ from torch import nn
 from memplan.analyze import analyze
 from memplan.capture import capture
 from passes import PassError, aggressive_pool, analyze_downsampling
-from passes.layout import propagate_layout, spatial_size
+from passes.layout import layout_of, propagate_layout, spatial_size
 
 
 def _teacher(model: nn.Module) -> nn.Module:
@@ -313,3 +313,56 @@ def test_weight_standardised_student_on_the_exported_graph_of_a_meta_model() -> 
     reference.load_state_dict(_teacher(StdNet()).state_dict())
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(real(x), reference(x))
+
+
+# ------------------------------------------------------------------------------------------ token mixing
+class TokenMix(nn.Module):
+    """Linear attention over a map's tokens (EfficientViT's LiteMLA): flattened to ``(N, C, H*W)``,
+    mixed by two matmuls, reshaped back with sizes read from the map. The guard on the map's size is
+    Python control flow: torch.fx cannot trace it, so the student comes from the exported graph, whose
+    sizes torch.export writes as expressions of the model input's."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.qkv, self.proj = nn.Conv2d(c, 3 * c, 1), nn.Conv2d(c, c, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        if h * w == 1:
+            return x
+        q, k, v = self.qkv(x).reshape(b, 3, c, h * w).unbind(1)
+        kv = v @ F.relu(k).transpose(-1, -2)  # (N, C, C): no spatial axis left
+        return x + self.proj((kv @ F.relu(q)).reshape(b, c, h, w) / (h * w))
+
+
+class TokenMixNet(nn.Module):
+    def __init__(self, strides: Sequence[int] = (2, 2, 2)) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, strides[0], 1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv1 = nn.Conv2d(8, 16, 3, strides[1], 1)
+        self.mix = TokenMix(16)
+        self.conv2 = nn.Conv2d(16, 16, 3, strides[2], 1)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.mix(F.relu(self.conv1(F.relu(self.bn(self.stem(x))))))
+        return self.head(F.relu(self.conv2(x)).mean((2, 3)))
+
+
+def test_layout_follows_tokens_through_matmuls() -> None:
+    """Rows of a matmul come from its first operand, columns from its second: ``kv @ q`` has the
+    tokens of ``q`` (``(h, w)`` in its last dim), ``v @ k^T`` none, so the reshape back is a map."""
+    cg = capture(TokenMixNet(), torch.empty(1, 3, 32, 32), method="export")
+    propagate_layout(cg.gm)
+    matmuls = [n for n in cg.gm.graph.nodes if "matmul" in str(n.target)]
+    assert [layout_of(n).dims[1:] for n in matmuls] == [(("",), ("",)), (("",), ("h", "w"))]
+    assert spatial_size(next(iter(matmuls[1].users))) == (8, 8)
+
+
+def test_token_mixing_student_reads_sizes_from_its_maps() -> None:
+    """k=2 at 32x32: stem stride 4, conv2 stride 1; the token mixer runs at 4x4 instead of 8x8, so the
+    reshape back must read 4x4 from the map it reshapes, not (32 - 1) // 4 + 1 from the input. Peak:
+    the mixer's input, qkv output, tokens and result at the student's 4x4 equal the reference's."""
+    assert analyze_downsampling(TokenMixNet(), torch.empty(1, 3, 32, 32)).method == "export"
+    _check_student(TokenMixNet, (2, 2, 2), (4, 2, 1), (1, 3, 32, 32))

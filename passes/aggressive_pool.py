@@ -580,7 +580,8 @@ def plan_student(
     remaining = factor
     first = stem.pools if absorb == "stem" else ()
     later = [levels[i] for i in first] + [lv for lv in reversed(levels) if lv.index not in first]
-    later = [lv for lv in later if lv.index != stem.level and all(p.node in entry for p in lv.points)]
+    later = [lv for lv in later if lv.index != stem.level and all(p.node in entry for p in lv.points)
+             and not any(KIND_RULES[p.kind].fixed for p in lv.points)]
     absorbed: dict[int, int] = {}
     for lv in later:
         if remaining == 1:
@@ -601,8 +602,8 @@ def plan_student(
     changes: list[Change] = []
     for p in [*([stem_conv] if stem_conv else []), *(p for lv in levels for p in lv.points)]:
         new = p.stride * gain[p.node] / read(p.input)
-        if new.denominator != 1 or new < 1:
-            raise PassError(f"factor {factor} would give {p.target} a stride of {new}; "
+        if new.denominator != 1 or new < 1 or (new != p.stride and KIND_RULES[p.kind].fixed):
+            raise PassError(f"factor {factor} would give {p.target} ({p.kind}) a stride of {new}; "
                             "its branches downsample too differently to absorb the factor")
         if new != p.stride:
             changes.append(Restride(p.node, p.target, p.kind, p.geometry,

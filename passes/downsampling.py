@@ -4,7 +4,8 @@ Works on the captured graph with fake-tensor shapes, never on architecture names
 model traces, else torch.export with symbolic sizes (:mod:`passes.graph_capture`).
 
 - A **downsampling point** is a conv or a max/avg pool (module or functional) with stride > 1 whose
-  output is spatially smaller than its input. Global pools (adaptive pools, or a pool down to 1×1)
+  output is spatially smaller than its input, or a space-to-depth rearrangement (a reshape that moves
+  pixel blocks into channels, keeping every element; TResNet's stem), which the student keeps as it is. Global pools (adaptive pools, or a pool down to 1×1)
   are left alone, as is everything without a spatial layout (flatten, linear...).
 - Nodes joined by a data edge of equal spatial size form a **region**. The points whose outputs lie in
   the same region are **coupled** — a residual's strided conv and its strided 1×1 (or pooling)
@@ -39,6 +40,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -92,28 +94,35 @@ class KindRule:
     A non-overlapping pool (``kernel == stride``) keeps ``kernel == stride``, so stride 1 means a 1×1
     pool and the spatial size is kept; an overlapping pool (ResNet's 3×3/2 maxpool with padding 1)
     keeps kernel and padding, which also keeps the size at stride 1. A conv keeps kernel and padding.
+    A ``fixed`` kind keeps its factor: a space-to-depth rearrangement (a reshape that moves each
+    ``s×s`` block of pixels into channels, ``pixel_unshuffle``) has no stride to change, so the
+    student leaves it as it is and absorbs the factor elsewhere.
 
     >>> KIND_RULES["max_pool"].restride(Geometry(2, 2), 8), KIND_RULES["conv"].restride(Geometry(7, 2), 8)
     (Geometry(kernel=8, stride=8), Geometry(kernel=7, stride=8))
     """
 
     kernel_follows_stride: bool
+    fixed: bool = False
 
     def restride(self, g: Geometry, stride: int) -> Geometry:
         """The geometry with the new stride."""
+        if self.fixed and stride != g.stride:
+            raise PassError(f"a {g.stride}x{g.stride} space-to-depth rearrangement cannot take stride {stride}")
         if self.kernel_follows_stride and g.kernel == g.stride:
             return Geometry(stride, stride)
         return Geometry(g.kernel, stride)
 
     def can_grow(self, g: Geometry) -> bool:
         """Whether the op can carry a larger stride itself (else a pool is inserted after it)."""
-        return not self.kernel_follows_stride or g.kernel == g.stride
+        return not self.fixed and (not self.kernel_follows_stride or g.kernel == g.stride)
 
 
 KIND_RULES: dict[str, KindRule] = {
     "conv": KindRule(kernel_follows_stride=False),
     "max_pool": KindRule(kernel_follows_stride=True),
     "avg_pool": KindRule(kernel_follows_stride=True),
+    "space_to_depth": KindRule(kernel_follows_stride=True, fixed=True),
 }
 _MODULE_KINDS: tuple[tuple[type[nn.Module], str], ...] = (
     (nn.Conv2d, "conv"), (nn.MaxPool2d, "max_pool"), (nn.AvgPool2d, "avg_pool"),
@@ -532,6 +541,9 @@ def _points_and_regions(
         if kind is None and up is None and _is_global(gm, n, out):
             global_nodes.add(n.name)
             continue
+        if kind is None and up is None and (f := _space_to_depth(n, ins[0], src, out)):
+            points.append(Point(n.name, target, "space_to_depth", Geometry(f, f), ins[0].name, src, out))
+            continue
         if kind is None:
             what = f"'{n.name}' ({type(gm.get_submodule(str(n.target))).__name__ if n.op == 'call_module' else n.target})"
             if out[0] >= 2 * src[0] or out[1] >= 2 * src[1]:
@@ -549,6 +561,16 @@ def _points_and_regions(
                                if 2 * sizes[a.name][0] > out[0] and 2 * out[0] > sizes[a.name][0]
                                and 2 * sizes[a.name][1] > out[1] and 2 * out[1] > sizes[a.name][1])
     return points, ups, regions, global_nodes
+
+
+def _space_to_depth(node: fx.Node, src_node: fx.Node, src: Size, out: Size) -> int | None:
+    """The factor of a rearrangement that shrinks a map by an integer factor per side while keeping every
+    element (a reshape splitting off ``s×s`` pixel blocks, ``pixel_unshuffle``), else None."""
+    f = src[0] // out[0]
+    if f < 2 or src != (out[0] * f, out[1] * f):
+        return None
+    numel = [math.prod(m.outputs[0].shape) for m in (node.meta[META_KEY], src_node.meta[META_KEY])]
+    return f if numel[0] == numel[1] else None
 
 
 def _exit_rule(
@@ -604,7 +626,7 @@ def _stem(gm: fx.GraphModule, nodes: list[fx.Node], sizes: dict[str, Size], leve
     stem_level, pools, end, cur = level_of.get(conv.name), [], conv.name, conv
     while len(cur.users) == 1:
         nxt = next(iter(cur.users))
-        if nxt.name in level_of and op_kind(gm, nxt) != "conv":
+        if nxt.name in level_of and op_kind(gm, nxt) not in (None, "conv"):
             if stem_level is None:
                 stem_level, end = level_of[nxt.name], nxt.name
             else:

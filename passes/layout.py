@@ -156,6 +156,7 @@ def _reshape(node: fx.Node, ins: Inputs, out: tuple[int, ...]) -> Layout:
     shape, lay = ins[0]
     if 0 in shape or 0 in out:
         return Layout.plain(len(out))
+    literal = _literal_dims(node, len(out))
     dims: list[Axes] = [NONE] * len(out)
     i = j = 0
     while i < len(shape) and j < len(out):
@@ -173,8 +174,11 @@ def _reshape(node: fx.Node, ins: Inputs, out: tuple[int, ...]) -> Layout:
         axes = tuple(a for k in gi if shape[k] != 1 or lay.dims[k] != NONE for a in lay.dims[k])
         spatial = tuple(a for a in axes if a)
         targets = [k for k in gj if out[k] != 1] or gj[:1]
+        computed = [k for k in targets if k not in literal]
         if len(gi) == 1 and len(gj) == 1:
             dims[gj[0]] = lay.dims[gi[0]]
+        elif len(spatial) == 1 and len(targets) > 1 and len(computed) == 1:
+            dims[computed[0]] = spatial  # (H,) -> (H // s, s): the piece sized from the map keeps the axis
         elif len(targets) == len(axes):
             for k, a in zip(targets, axes):
                 dims[k] = (a,)
@@ -182,6 +186,26 @@ def _reshape(node: fx.Node, ins: Inputs, out: tuple[int, ...]) -> Layout:
             for k in targets:
                 dims[k] = spatial if len(targets) == 1 else ("?",)
     return Layout(tuple(dims))
+
+
+def _literal_dims(node: fx.Node, rank: int) -> set[int]:
+    """Output dims of a ``view``/``reshape``/``unflatten`` whose size the call gives as a number (not
+    computed from a tensor's size, not -1): the fixed pieces of a split."""
+    name = target_name(node, node.graph.owning_module).lower()
+    if name == "unflatten":
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+        sizes = node.kwargs.get("sizes", node.args[2] if len(node.args) > 2 else None)
+        if not isinstance(dim, int) or not isinstance(sizes, (list, tuple)):
+            return set()
+        start = dim % (rank - len(sizes) + 1)
+        return {start + i for i, v in enumerate(sizes) if isinstance(v, int) and v >= 0}
+    if name not in ("view", "reshape", "_unsafe_view"):
+        return set()
+    sizes = node.kwargs.get("shape", node.kwargs.get("size", node.args[1:]))
+    sizes = list(sizes[0]) if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)) else list(sizes)
+    if len(sizes) != rank:
+        return set()
+    return {d for d, v in enumerate(sizes) if isinstance(v, int) and not isinstance(v, bool) and v >= 0}
 
 
 def _reduce(node: fx.Node, ins: Inputs, out: tuple[int, ...]) -> Layout:

@@ -366,3 +366,42 @@ def test_token_mixing_student_reads_sizes_from_its_maps() -> None:
     the mixer's input, qkv output, tokens and result at the student's 4x4 equal the reference's."""
     assert analyze_downsampling(TokenMixNet(), torch.empty(1, 3, 32, 32)).method == "export"
     _check_student(TokenMixNet, (2, 2, 2), (4, 2, 1), (1, 3, 32, 32))
+
+
+# ------------------------------------------------------------------------------------------ space to depth
+class SpaceToDepthNet(nn.Module):
+    """TResNet's stem: each 4x4 pixel block moves into channels by view/permute/reshape (every element
+    kept), then a stride-1 conv. The rearrangement downsamples but has no stride to change."""
+
+    def __init__(self, strides: Sequence[int] = (2, 2), pool: int = 1) -> None:
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(48, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16)
+        self.pool = nn.MaxPool2d(pool, pool) if pool > 1 else nn.Identity()
+        self.conv1 = nn.Conv2d(16, 16, 3, strides[0], 1)
+        self.conv2 = nn.Conv2d(16, 16, 3, strides[1], 1)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.size()
+        x = x.view(n, c, h // 4, 4, w // 4, 4).permute(0, 3, 5, 1, 2, 4).reshape(n, c * 16, h // 4, w // 4)
+        x = self.pool(F.relu(self.bn(self.stem(x))))
+        return self.head(F.relu(self.conv2(F.relu(self.conv1(x)))).mean((2, 3)))
+
+
+def test_space_to_depth_is_a_fixed_downsampling() -> None:
+    """The view splits H into (H // 4, 4): the piece computed from the map keeps the axis, the literal
+    4 joins the channels. The view is a downsampling point the student keeps (stride 4, fixed)."""
+    a = analyze_downsampling(SpaceToDepthNet(), torch.empty(1, 3, 64, 64))
+    assert [(lv.points[0].kind, lv.stride, lv.out_size) for lv in a.levels] == [
+        ("space_to_depth", 4, (16, 16)), ("conv", 2, (8, 8)), ("conv", 2, (4, 4))]
+    assert a.stem.level is None and a.stem.end == "pool"
+
+
+def test_space_to_depth_student_keeps_the_rearrangement() -> None:
+    """k=2 at 64x64: the rearrangement stays 4x4 (16x16 maps), a 2x2 pool goes behind the stride-1
+    stem, conv2 gives up its stride. Both peak where the permuted blocks are copied into channels:
+    the input and its copy, 2 * 3 * 64 * 64 * 4 = 98,304 B (the pool comes after the stem)."""
+    student = _check_student(lambda s: SpaceToDepthNet(s[:2], pool=s[2]), (2, 2, 1), (2, 1, 2), (1, 3, 64, 64))
+    assert [c.describe() for c in student.recipe.changes] == [
+        "conv2 (conv): stride 2 -> 1", "stem_pool (max_pool): inserted after pool, 2x2 stride 2"]
+    assert student.peak_bytes == analyze(SpaceToDepthNet(), (1, 3, 64, 64)).peak_bytes == 2 * 3 * 64 * 64 * 4

@@ -42,6 +42,7 @@ from passes.downsampling import (
     Point,
     Stem,
     UpPoint,
+    UpsamplingError,
     analyze_downsampling,
 )
 from passes.layout import Layout, propagate_layout, spatial_size
@@ -50,7 +51,7 @@ __all__ = [
     "ABSORB", "ENCDEC_PLACEMENTS", "PLACEMENTS", "POOLS", "TAILS", "AbsorbError", "BlockFactory", "BudgetError",
     "BudgetFit", "Candidate", "DownsamplingAnalysis", "Geometry", "InsertPool", "InsertTail", "Layout", "Level",
     "LevelStride", "PassError", "Point", "Recipe", "Rescale", "Restride", "Site", "StageMap", "StagePair", "Stem",
-    "Student", "UpPoint", "WeightTransfer", "aggressive_pool", "analyze_downsampling", "apply_recipe",
+    "Student", "UpPoint", "UpsamplingError", "WeightTransfer", "aggressive_pool", "analyze_downsampling", "apply_recipe",
     "attach_blocks", "build_student", "fit_budget", "plan_student", "propagate_layout", "spatial_size",
     "transfer_weights",
 ]

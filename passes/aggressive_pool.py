@@ -66,7 +66,7 @@ import copy
 import json
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, ClassVar
@@ -86,6 +86,7 @@ from passes.downsampling import (
     PassError,
     Point,
     Size,
+    UpsamplingError,
     analyze_downsampling,
     deploy_peak,
     normalized_kwargs,
@@ -377,6 +378,8 @@ class Recipe:
     pool: str
     absorb: str
     changes: tuple[Change, ...]
+    # why the student may not run, found while planning (an upsampling of a rounded size); not saved
+    risks: tuple[str, ...] = field(default=(), compare=False)
     FORMAT: ClassVar[str] = "memplan-student-recipe/1"
 
     def to_json(self) -> dict[str, Any]:
@@ -609,9 +612,10 @@ def plan_student(
             changes.append(Restride(p.node, p.target, p.kind, p.geometry,
                                     KIND_RULES[p.kind].restride(p.geometry, int(new))))
     changes += [insert] if insert else []
-    changes += _rescales(analysis, gain, read)
+    risks: list[str] = []
+    changes += _rescales(analysis, gain, read, risks)
     changes += _tails(analysis, gain, tail)
-    return Recipe(analysis.model, analysis.input_shape, factor, pool, absorb, tuple(changes))
+    return Recipe(analysis.model, analysis.input_shape, factor, pool, absorb, tuple(changes), tuple(risks))
 
 
 def _stem_conv_point(analysis: DownsamplingAnalysis) -> Point:
@@ -678,7 +682,7 @@ def _gains(
             seen = {read(a) for a in ins}
             if len(seen) > 1 and name in analysis.sizes:
                 parts = ", ".join(f"'{a}' 1/{read(a)}" for a in ins)
-                raise PassError(
+                raise (UpsamplingError if analysis.encoder_decoder else PassError)(
                     f"node '{name}' joins maps that the factor-{factor} student cannot keep at one resolution "
                     f"({parts} of the teacher's size): no down- or upsampling between them can absorb the change"
                 )
@@ -691,15 +695,25 @@ def _gains(
 
 
 def _rescales(
-    analysis: DownsamplingAnalysis, gain: dict[str, Fraction | None], read: Callable[[str], Fraction]
+    analysis: DownsamplingAnalysis, gain: dict[str, Fraction | None], read: Callable[[str], Fraction],
+    risks: list[str],
 ) -> list[Change]:
+    """New factors of the upsampling points; ``risks`` gets those that read a map of a rounded size (a
+    pad or crop to the skip's size may still fix it: the built student is what tells)."""
     changes: list[Change] = []
     for u in analysis.ups:
         new = u.factor * read(u.input) / gain[u.node]
         if u.follows:
             continue
+        side = [Fraction(s) / read(u.input) for s in u.in_size]
+        if any(v.denominator != 1 for v in side):
+            risks.append(
+                f"node '{u.node}' ({u.target}) upsamples a {'x'.join(f'{float(v):g}' for v in side)} map in the "
+                f"student ({u.in_size[0]}x{u.in_size[1]} / {read(u.input)}), so its output cannot meet the maps it "
+                "joins; use an input size whose maps divide by the factor"
+            )
         if new <= 0 or (u.kind == "conv_transpose" and new.denominator != 1):
-            raise PassError(f"node '{u.node}' ({u.target}) would have to upsample x{new} for its output to meet "
+            raise UpsamplingError(f"node '{u.node}' ({u.target}) would have to upsample x{new} for its output to meet "
                             "the maps it joins; the student cannot keep this decoder's skips matched")
         if new != u.factor:
             size = None
@@ -787,8 +801,9 @@ def build_student(
     try:
         check = propagate(gm, inputs, analysis.method)
     except Exception as e:  # noqa: BLE001 - a rewritten graph can fail anywhere; one line
-        raise PassError(f"the factor-{recipe.factor} student of {analysis.model} does not run: "
-                        f"{describe_error(e)}") from e
+        error = UpsamplingError if recipe.risks else PassError
+        cause = recipe.risks[0] if recipe.risks else describe_error(e)
+        raise error(f"the factor-{recipe.factor} student of {analysis.model} does not run: {cause}") from e
     propagate_layout(check.gm)
     meta = {n.name: n.meta[META_KEY] for n in check.gm.graph.nodes if META_KEY in n.meta}
     out_shapes = tuple(t.shape for t in meta[next(n.name for n in check.gm.graph.nodes if n.op == "output")].outputs)

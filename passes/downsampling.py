@@ -62,7 +62,7 @@ from passes.layout import layout_of, propagate_layout, spatial_size
 
 __all__ = [
     "KIND_RULES", "UP_KINDS", "AbsorbError", "DownsamplingAnalysis", "Geometry", "KindRule", "Level", "PassError",
-    "Point", "Stem", "UpPoint", "analyze_downsampling", "deploy_peak", "normalized_kwargs", "op_kind",
+    "Point", "Stem", "UpPoint", "UpsamplingError", "analyze_downsampling", "deploy_peak", "normalized_kwargs", "op_kind",
     "read_geometry", "set_arguments", "up_kind", "write_geometry",
 ]
 
@@ -76,6 +76,11 @@ class PassError(MemplanError):
 
 class AbsorbError(PassError):
     """The factor cannot be removed from later downsampling points: the final map would shrink."""
+
+
+class UpsamplingError(PassError):
+    """A net that upsamples (decoder, multi-resolution fusion) whose joins the student cannot keep at one
+    resolution: the message names the upsampling or joining node."""
 
 
 # ------------------------------------------------------------------------------------------ op kinds

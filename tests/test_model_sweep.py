@@ -33,7 +33,8 @@ def test_as_written_matches_aten_reference(source, name):
 
 def test_coverage_table_counts_cnns_and_refusals():
     """The student target is over classification CNNs (no attention op, not segmentation); an
-    AbsorbError refusal is counted apart; ONNX peaks must be within 1 % of PyTorch's deploy peak."""
+    UpsamplingError (a net that upsamples, refused naming the node) is a precise refusal, an AbsorbError
+    refusal is counted apart; ONNX peaks must be within 1 % of PyTorch's deploy peak."""
     rows = {
         "a": {"source": "timm", "model": "a", "attention": False, "student": {"ratio": 4.0},
               "deploy": {"peak_bytes": 100}, "export": {"parity": True}, "onnx": {"peak_bytes": 100}},
@@ -42,12 +43,14 @@ def test_coverage_table_counts_cnns_and_refusals():
         "c": {"source": "timm", "model": "c", "attention": True, "student": {"error": "PassError: x"},
               "deploy": {"peak_bytes": 100}, "export": {"error": "EncodeError: big"}, "onnx": {"error": "no file"}},
         "d": {"source": "segmentation", "model": "d", "attention": False, "student": {"error": "PassError: y"}},
+        "e": {"source": "timm", "model": "e", "attention": False, "student": {"error": "UpsamplingError: node 'u'"}},
     }
     table = model_sweep.coverage({"rows": rows})
     lines = {line.split()[0] + (" " + line.split()[1] if line.split()[1].startswith("(") else ""): line.split()
              for line in table.splitlines() if len(line.split()) > 1 and not line.startswith(" ")}
-    assert lines["student"][1:3] == ["1", "4"]
-    assert lines["student (CNNs)"][2:4] == ["1", "2"]
+    assert lines["student"][1:3] == ["1", "5"]
+    assert lines["student (CNNs)"][2:4] == ["1", "3"]
+    assert "  or UpsamplingError       2      3   66.7%" in table
     assert lines["onnx"][1:3] == ["1", "3"]
     assert "onnx (exported models)     1      2" in table
     assert "(AbsorbError): 1" in table

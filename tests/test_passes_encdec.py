@@ -13,7 +13,7 @@ from distill.red import attach_red
 from memplan.analyze import analyze
 from memplan.capture import capture
 from memplan.zoo import create_model
-from passes import PassError, Recipe, aggressive_pool, apply_recipe
+from passes import PassError, Recipe, UpsamplingError, aggressive_pool, apply_recipe
 from passes.aggressive_pool import InsertTail, Rescale, TailUpsample
 from passes.layout import propagate_layout, spatial_size
 
@@ -299,3 +299,31 @@ def test_fpn_laterals_change_with_their_levels() -> None:
         "interpolate (interpolate): upsampling removed", "interpolate_1 (interpolate): upsampling removed",
         "tail (conv_transpose): inserted on the output interpolate_2, x4, 4 channels"]
     assert student.module(torch.zeros(1, 3, 64, 64)).shape == (1, 4, 64, 64)
+
+
+class FusionNet(nn.Module):
+    """HRNet-style fusion: a 1/4 branch upsampled x2 into the 1/2 branch, then two strided convs.
+    The factor-4 student absorbs the factor in those convs, so the 1/4 branch runs 4x smaller too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.low = nn.Conv2d(3, 8, 3, 2, 1), nn.Conv2d(8, 8, 3, 2, 1)
+        self.up = nn.Upsample(scale_factor=2)
+        self.conv1, self.conv2 = nn.Conv2d(8, 8, 3, 2, 1), nn.Conv2d(8, 8, 3, 2, 1)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.stem(x))
+        x = x + self.up(F.relu(self.low(x)))
+        return self.head(F.relu(self.conv2(F.relu(self.conv1(x)))).mean((2, 3)))
+
+
+def test_fusion_of_a_rounded_map_is_refused_naming_the_upsampling() -> None:
+    """At 56x56 the 1/4 branch is 14x14, 3.5x3.5 in the factor-4 student: it rounds to 4x4, upsampled to
+    8x8 against the 7x7 main branch. The refusal names the upsampling; at 64x64 (16 / 4 = 4) it runs."""
+    with pytest.raises(UpsamplingError, match=r"node 'up' \(up\) upsamples a 3\.5x3\.5 map in the student \(14x14 / 4\)"):
+        aggressive_pool(FusionNet().eval(), torch.empty(1, 3, 56, 56), factor=4)
+    student = aggressive_pool(FusionNet().eval(), torch.empty(1, 3, 64, 64), factor=4)
+    assert student.module(torch.zeros(1, 3, 64, 64)).shape == (1, 3)
+    assert [c.describe() for c in student.recipe.changes] == [
+        "stem (conv): stride 2 -> 8", "conv1 (conv): stride 2 -> 1", "conv2 (conv): stride 2 -> 1"]

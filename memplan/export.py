@@ -24,7 +24,7 @@ import dataclasses
 import io
 import logging
 import math
-import os
+import shutil
 import tempfile
 import warnings
 from collections import Counter
@@ -416,6 +416,28 @@ def _batches_of(real: torch.Tensor, batch: int | None) -> list[tuple[torch.Tenso
     return [(real[i : i + batch],) for i in range(0, real.shape[0] - batch + 1, batch)]
 
 
+PROTOBUF_LIMIT = 2**31 - 1  # bytes: a larger model keeps its weights in an external data file
+
+
+def _write_checked(proto: onnx.ModelProto, tmp: Path) -> list[Path]:
+    """Write ``proto`` to ``tmp`` after ``onnx.checker``; returns the files written, data first. A model
+    over protobuf's 2 GiB limit (ViT-H, RegNetY-128GF) stores its tensors in ``<name>.data`` beside it
+    (ONNX external data, which onnxruntime and ``onnx.load`` read)."""
+    try:
+        if proto.ByteSize() < PROTOBUF_LIMIT:
+            data = proto.SerializeToString()  # once: the checker and the file share it (100 MB for ResNet-50)
+            onnx.checker.check_model(data, full_check=True)
+            tmp.write_bytes(data)
+            return [tmp]
+        weights = tmp.with_name(tmp.name + ".data")
+        onnx.save_model(proto, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=weights.name, size_threshold=1024)
+        onnx.checker.check_model(str(tmp), full_check=True)
+        return [weights, tmp]
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        raise MemplanError(f"exported model fails onnx.checker: {describe_error(e)}") from e
+
+
 def export_onnx(
     model: nn.Module,
     example_inputs: torch.Tensor | Sequence[torch.Tensor],
@@ -459,18 +481,14 @@ def export_onnx(
     model.eval()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".onnx")
-        os.close(fd)
-        tmp = Path(tmp_name)
+        stage = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.stem}."))
+        tmp = stage / path.name
         try:
             exporter, notes, proto = _export(model, tuple(a.detach() for a in args), tmp, opset, dynamic_batch)
             pairs = fold_batchnorm_onnx(proto)
-            data = proto.SerializeToString()  # once: the checker and the file share it (100 MB for ResNet-50)
-            try:
-                onnx.checker.check_model(data, full_check=True)
-            except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
-                raise MemplanError(f"exported model fails onnx.checker: {describe_error(e)}") from e
-            tmp.write_bytes(data)
+            files = _write_checked(proto, tmp)
+            for f in files:
+                check_destination(path.parent / f.name)
             session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
             gen = torch.Generator().manual_seed(seed)
             batch = 3 if dynamic_batch else None
@@ -498,9 +516,10 @@ def export_onnx(
                                    f"relative to the output scale ({each}; PyTorch fp32 vs fp64: "
                                    f"{parity[0].fp32_noise:.3g}); {path} not written")
             opset_used = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
-            publish(tmp, path)
+            for f in files:  # the weights first: the model file appears only once its data is in place
+                publish(f, path.parent / f.name)
         finally:
-            tmp.unlink(missing_ok=True)
+            shutil.rmtree(stage, ignore_errors=True)
     finally:
         model.train(was_training)
     return ExportResult(

@@ -27,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import ast
+import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -99,19 +100,18 @@ def load_onnx(path: str | Path, *, check: bool = True) -> onnx.ModelProto:
     if not path.is_file():
         raise MemplanError(f"ONNX file '{path}' does not exist or is not a file")
     try:
-        model = onnx.load(str(path))
-    except onnx.checker.ValidationError as e:  # external data: missing, not a file, outside the directory
-        raise MemplanError(f"cannot load the external data of {path} ({describe_error(e)})") from e
+        model = onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeError, ValueError, OSError, UnicodeDecodeError) as e:
         raise MemplanError(f"{path} is not a valid ONNX model ({describe_error(e)})") from e
+    external = _load_small_external_data(model, path)
     if not model.graph.node or not model.opset_import:
         raise MemplanError(f"{path} is not a valid ONNX model (no graph nodes or opset)")
     if check:
-        try:
-            onnx.checker.check_model(model)
+        try:  # a file with external data is checked by path: the checker finds the data beside it
+            onnx.checker.check_model(str(path) if external else model)
         except (onnx.checker.ValidationError, ValueError) as e:
             finding = describe_error(e)
-            why = _onnxruntime_refuses(model)
+            why = _onnxruntime_refuses(path if external else model)
             if why:
                 raise MemplanError(f"{path} is not a valid ONNX model ({finding}; onnxruntime: {why})") from e
             warnings.warn(f"{path}: onnx.checker rejects it ({finding}) but onnxruntime loads it; analysing it",
@@ -119,8 +119,38 @@ def load_onnx(path: str | Path, *, check: bool = True) -> onnx.ModelProto:
     return model
 
 
-def _onnxruntime_refuses(model: onnx.ModelProto) -> str:
-    """Why onnxruntime cannot load ``model`` ("" if it can; the reason if onnxruntime is missing)."""
+SMALL_EXTERNAL_BYTES = 1 << 20  # external tensors up to this size are read (shapes, indices); weights are not
+
+
+def _load_small_external_data(model: onnx.ModelProto, path: Path) -> bool:
+    """Read the external data of the small tensors (a reshape's shape, a gather's indices: what the
+    analysis reads) and leave the weights on disk, so a file of any size loads in little memory.
+    Returns whether the file has external data; missing data or data outside its directory is an error."""
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+
+    tensors = [t for t in model.graph.initializer if uses_external_data(t)]
+    tensors += [a.t for n in model.graph.node for a in n.attribute
+                if a.type == onnx.AttributeProto.TENSOR and uses_external_data(a.t)]
+    for t in tensors:
+        size = math.prod(t.dims) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        info = {e.key: e.value for e in t.external_data}
+        location = (path.parent / info.get("location", "")).resolve()
+        if not location.is_file() or path.parent.resolve() not in location.parents:
+            raise MemplanError(f"cannot load the external data of {path}: tensor '{t.name}' lies in "
+                               f"'{info.get('location')}', which is missing or outside the file's directory")
+        if size <= SMALL_EXTERNAL_BYTES:
+            try:
+                load_external_data_for_tensor(t, str(path.parent))
+            except (OSError, ValueError) as e:
+                raise MemplanError(f"cannot load the external data of {path} ({describe_error(e)})") from e
+            del t.external_data[:]
+            t.data_location = onnx.TensorProto.DEFAULT
+    return bool(tensors)
+
+
+def _onnxruntime_refuses(model: onnx.ModelProto | Path) -> str:
+    """Why onnxruntime cannot load ``model`` (a model, or a file with external data: "" if it can;
+    the reason if onnxruntime is missing)."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -129,7 +159,8 @@ def _onnxruntime_refuses(model: onnx.ModelProto) -> str:
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.log_severity_level = 4
     try:
-        ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        source = str(model) if isinstance(model, Path) else model.SerializeToString()
+        ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
         return describe_error(e)
     return ""

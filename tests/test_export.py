@@ -15,6 +15,7 @@ from distill.red import attach_red
 from distill.run import RunDir
 from memplan import analyze
 from memplan.cli import main
+from memplan.errors import MemplanError
 from memplan.export import export_onnx
 from memplan.onnx_frontend import analyze_onnx
 from memplan.zoo import create_model, default_input
@@ -106,6 +107,32 @@ def test_legacy_fallback_warns(tmp_path, monkeypatch):
         res = export_onnx(model, torch.randn(1, 1, 28, 28), tmp_path / "l.onnx", random_samples=1)
     assert res.exporter == "legacy" and "simulated" in res.warnings[0] and res.max_abs_diff <= 1e-4
     assert analyze_onnx(tmp_path / "l.onnx").peak_bytes == analyze(model, (1, 1, 28, 28)).peak_bytes
+
+
+def test_model_over_the_protobuf_limit_keeps_its_weights_beside_it(tmp_path, monkeypatch):
+    """A model over protobuf's 2 GiB limit (ViT-H) cannot be one file: its tensors go to
+    ``<name>.data`` (ONNX external data). With the limit lowered to 1 KiB a small net takes that path:
+    the files stand beside each other, the model file holds no weights, onnxruntime's parity and the
+    analysis (which reads small tensors and leaves weights on disk) are those of the one-file export."""
+    import onnx
+
+    import memplan.export
+
+    model, x = create_model("resnet_tiny"), torch.randn(1, 1, 28, 28)
+    whole = export_onnx(model, x, tmp_path / "one.onnx")
+    monkeypatch.setattr(memplan.export, "PROTOBUF_LIMIT", 1024)
+    split = export_onnx(model, x, tmp_path / "big.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data", "one.onnx"]
+    sizes = {p.name: p.stat().st_size for p in tmp_path.iterdir()}
+    assert sizes["big.onnx"] + sizes["big.onnx.data"] >= sizes["one.onnx"] > 2 * sizes["big.onnx"], sizes
+    assert split.max_abs_diff == whole.max_abs_diff
+    stored = onnx.load(str(tmp_path / "big.onnx"), load_external_data=False)
+    assert {e.value for t in stored.graph.initializer for e in t.external_data if e.key == "location"} == \
+        {"big.onnx.data"}
+    assert analyze_onnx(tmp_path / "big.onnx").peak_bytes == analyze_onnx(tmp_path / "one.onnx").peak_bytes
+    (tmp_path / "big.onnx.data").unlink()
+    with pytest.raises(MemplanError, match="cannot load the external data of .*big.onnx.data"):
+        analyze_onnx(tmp_path / "big.onnx")
 
 
 def test_parity_failure_writes_nothing(tmp_path):

@@ -96,7 +96,7 @@ from passes.downsampling import (
     up_kind,
     write_geometry,
 )
-from passes.graph_capture import propagate
+from passes.graph_capture import export_graph, propagate
 from passes.layout import layout_of, propagate_layout, spatial_size
 
 __all__ = [
@@ -563,6 +563,30 @@ def plan_student(
         raise PassError(f"unknown tail '{tail}' (use {', '.join(TAILS)})")
     if factor == 1:
         return Recipe(analysis.model, analysis.input_shape, factor, pool, absorb, ())
+    levels = analysis.levels
+    insert, stem_conv, gain = _absorb(analysis, factor, pool, absorb)
+    read = _reader(gain, factor, insert)
+    changes: list[Change] = []
+    for p in [*([stem_conv] if stem_conv else []), *(p for lv in levels for p in lv.points)]:
+        new = p.stride * gain[p.node] / read(p.input)
+        if new.denominator != 1 or new < 1 or (new != p.stride and KIND_RULES[p.kind].fixed):
+            raise PassError(f"factor {factor} would give {p.target} ({p.kind}) a stride of {new}; "
+                            "its branches downsample too differently to absorb the factor")
+        if new != p.stride:
+            changes.append(Restride(p.node, p.target, p.kind, p.geometry,
+                                    KIND_RULES[p.kind].restride(p.geometry, int(new))))
+    changes += [insert] if insert else []
+    risks: list[str] = []
+    changes += _rescales(analysis, gain, read, risks)
+    changes += _tails(analysis, gain, tail)
+    return Recipe(analysis.model, analysis.input_shape, factor, pool, absorb, tuple(changes), tuple(risks))
+
+
+def _absorb(
+    analysis: DownsamplingAnalysis, factor: int, pool: str, absorb: str
+) -> tuple[InsertPool | None, Point | None, dict[str, Fraction | None]]:
+    """Where the stem takes the factor (an inserted pool, or a stride-1 encoder-decoder stem conv), and
+    each node's gain (:func:`_gains`) once the later levels have absorbed it."""
     levels, stem = analysis.levels, analysis.stem
     stem_points = list(levels[stem.level].points) if stem.level is not None else []
     insert, stem_conv = None, None
@@ -601,21 +625,15 @@ def plan_student(
             f"{factor // remaining}"
         )
     gain = _gains(analysis, factor, set(entry_nodes) if insert is None else set(), insert, entry, absorbed)
-    read = _reader(gain, factor, insert)
-    changes: list[Change] = []
-    for p in [*([stem_conv] if stem_conv else []), *(p for lv in levels for p in lv.points)]:
-        new = p.stride * gain[p.node] / read(p.input)
-        if new.denominator != 1 or new < 1 or (new != p.stride and KIND_RULES[p.kind].fixed):
-            raise PassError(f"factor {factor} would give {p.target} ({p.kind}) a stride of {new}; "
-                            "its branches downsample too differently to absorb the factor")
-        if new != p.stride:
-            changes.append(Restride(p.node, p.target, p.kind, p.geometry,
-                                    KIND_RULES[p.kind].restride(p.geometry, int(new))))
-    changes += [insert] if insert else []
-    risks: list[str] = []
-    changes += _rescales(analysis, gain, read, risks)
-    changes += _tails(analysis, gain, tail)
-    return Recipe(analysis.model, analysis.input_shape, factor, pool, absorb, tuple(changes), tuple(risks))
+    return insert, stem_conv, gain
+
+
+def student_gains(analysis: DownsamplingAnalysis, recipe: Recipe) -> dict[str, Fraction | None]:
+    """Per teacher node, how many times smaller per side the student's map is (None: not a map that
+    follows the input resolution)."""
+    if recipe.factor == 1:
+        return {name: Fraction(1) for name in analysis.sizes}
+    return _absorb(analysis, recipe.factor, recipe.pool, recipe.absorb)[2]
 
 
 def _stem_conv_point(analysis: DownsamplingAnalysis) -> Point:
@@ -786,13 +804,28 @@ def build_student(
     recipe: Recipe,
     analysis: DownsamplingAnalysis,
 ) -> Student:
-    """Apply ``recipe`` to a copy of ``model`` (analysed as ``analysis``) and verify the result."""
-    inputs = _example(example_inputs)
+    """Apply ``recipe`` to a copy of ``model`` (analysed as ``analysis``) and verify the result.
+
+    A student built on an exported graph with constant sizes (:mod:`passes.graph_capture`) that does
+    not run is rebuilt on the graph exported with symbolic sizes (where the student's rounding of
+    sizes the factor does not divide differs from a smaller teacher's).
+    """
+    try:
+        return _build(model, _example(example_inputs), recipe, analysis)
+    except PassError:
+        if not analysis.static_sizes:
+            raise
+    return _build(model, _example(example_inputs), recipe, analyze_downsampling(model, example_inputs, symbolic=True))
+
+
+def _build(model: nn.Module, inputs: list[torch.Tensor], recipe: Recipe, analysis: DownsamplingAnalysis) -> Student:
     gm = copy.deepcopy(analysis.captured.gm)
     nodes = {n.name: n for n in gm.graph.nodes}
     _unshare_modules(gm, recipe.changes)
     for change in recipe.changes:  # reading the teacher's shapes (a computed weight's kernel)
         change.apply(gm, nodes)
+    if analysis.static_sizes:
+        _resize_constants(model, inputs, analysis, recipe, nodes)
     for n in gm.graph.nodes:
         n.meta.pop(META_KEY, None)
     gm.graph.lint()
@@ -824,6 +857,54 @@ def build_student(
         transfer=transfer_weights(model, gm),
         peak_bytes=deploy_peak(check),
     )
+
+
+def _resize_constants(model: nn.Module, inputs: Sequence[torch.Tensor], analysis: DownsamplingAnalysis,
+                      recipe: Recipe, nodes: dict[str, fx.Node]) -> None:
+    """Give every op of an exported student the size-dependent numbers of its own resolution.
+
+    An exported graph holds the numbers that depend on the map size as constants ("same" pads, a
+    reshape back to a map, an interpolation's size; :mod:`passes.graph_capture`). The student runs a
+    node whose gain is g (:func:`student_gains`) on a map g times smaller, which is what the teacher
+    does at an input g times smaller: each number the recipe left as the teacher had it is read from
+    the teacher exported at that input. A graph that changes with the input size (control flow on a
+    size) is refused naming the node.
+    """
+    teacher = {n.name: n for n in analysis.captured.gm.graph.nodes}
+    by_gain: dict[Fraction, list[str]] = {}
+    for name, g in student_gains(analysis, recipe).items():
+        if g is not None and g != 1 and name in nodes and nodes[name].op == "call_function":
+            by_gain.setdefault(g, []).append(name)
+    for g, names in sorted(by_gain.items()):
+        scaled = [t.new_zeros((t.shape[0], *t.shape[1:-2], *(math.ceil(d / g) for d in t.shape[-2:])))
+                  if t.dim() == 4 else t for t in inputs]
+        try:
+            other = {n.name: n for n in export_graph(model, scaled).graph.nodes}
+        except Exception as e:  # noqa: BLE001 - the teacher may not run that small
+            raise PassError(f"cannot export {analysis.model} at {tuple(scaled[0].shape)} to size the ops the "
+                            f"factor-{recipe.factor} student runs {g}x smaller: {describe_error(e)}") from e
+        for name in names:
+            t, o = teacher[name], other.get(name)
+            if o is None or o.target != t.target:
+                raise PassError(f"the exported graph of {analysis.model} changes with the input size at node "
+                                f"'{name}' (control flow on a size), so the factor-{recipe.factor} student "
+                                "cannot be derived from it")
+            node = nodes[name]
+            node.args = _resized(node.args, t.args, o.args)
+            node.kwargs = _resized(node.kwargs, t.kwargs, o.kwargs)
+
+
+def _resized(student: Any, teacher: Any, other: Any) -> Any:
+    """``student`` with each integer the recipe left at the teacher's value replaced by ``other``'s."""
+    if isinstance(student, bool) or not isinstance(teacher, type(student)) or not isinstance(other, type(student)):
+        return student
+    if isinstance(student, int):
+        return other if student == teacher else student
+    if isinstance(student, (list, tuple)) and len(student) == len(teacher) == len(other):
+        return type(student)(_resized(a, b, c) for a, b, c in zip(student, teacher, other))
+    if isinstance(student, dict) and student.keys() == teacher.keys() == other.keys():
+        return {k: _resized(student[k], teacher[k], other[k]) for k in student}
+    return student
 
 
 def _strides(analysis: DownsamplingAnalysis, recipe: Recipe, inserted: InsertPool | None) -> tuple[LevelStride, ...]:

@@ -376,6 +376,7 @@ class DownsamplingAnalysis:
     ups: tuple[UpPoint, ...] = ()  # upsampling points in execution order (encoder-decoders)
     region: dict[str, int] = field(default_factory=dict)  # node -> region (connected equal-resolution part)
     globals: frozenset[str] = frozenset()  # nodes whose maps do not follow the input resolution (global pools)
+    static_sizes: bool = False  # an exported graph whose size-dependent numbers are constants (graph_capture)
 
     @property
     def method(self) -> str:
@@ -444,7 +445,7 @@ def _label(targets: Sequence[str], fallback: str) -> str:
 
 
 def analyze_downsampling(
-    model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor]
+    model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor], symbolic: bool = False
 ) -> DownsamplingAnalysis:
     """Trace ``model`` with torch.fx and find its downsampling levels, coupling and stem.
 
@@ -456,7 +457,7 @@ def analyze_downsampling(
     was_training = model.training
     model.eval()
     try:
-        captured = capture_rewritable(model, inputs)
+        captured = capture_rewritable(model, inputs, symbolic)
     except MemplanError as e:
         raise PassError(f"aggressive pooling cannot capture the model: {e}") from e
     except Exception as e:  # noqa: BLE001 - shape propagation of a user model can fail in any way
@@ -507,6 +508,7 @@ def analyze_downsampling(
         ups=tuple(ups),
         region=component,
         globals=frozenset(global_nodes),
+        static_sizes=captured.method == "export" and not symbolic,
     )
 
 

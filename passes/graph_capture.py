@@ -1,10 +1,17 @@
-"""The rewritable graph of a model: torch.fx when it traces, else torch.export with symbolic sizes.
+"""The rewritable graph of a model: torch.fx when it traces, else torch.export.
 
 A student pass rewrites strides in a graph and then runs that graph at other resolutions and batch
-sizes, so the graph must not bake sizes in. torch.fx keeps Python shape arithmetic symbolic; a model
-it cannot trace (control flow on ``x.shape``, TF-style "same" padding computed with ``math.ceil``) is
-exported with every input dim marked ``Dim.AUTO`` (an example batch of 2, so the batch stays symbolic
-too): shape arithmetic stays in the graph as ``sym_size`` nodes and follows the new sizes.
+sizes. torch.fx keeps Python shape arithmetic symbolic, so an fx graph runs at any size. A model it
+cannot trace (control flow on ``x.shape``, TF-style "same" padding computed with ``math.ceil``) is
+exported with a symbolic batch (an example batch of 2) and the example's height and width: symbolic
+spatial sizes would keep a "same" pad or a reshape back to a map true at any size, but torch.export
+spends minutes on their nested expressions (tf_efficientnet_b0: 820 s against 2 s). The numbers that
+depend on the size (pads, reshape sizes, interpolation sizes) are then constants of the graph;
+:func:`passes.aggressive_pool.build_student` re-reads each from the teacher exported at the
+resolution the student runs that op at, so an exported student runs at the resolution it was derived
+at, with any batch. Where sizes do not divide by the factor, the student's rounding can differ from
+a smaller teacher's; the student is then rebuilt on the graph exported with every dim symbolic
+(``symbolic=True``: slow, exact, and it runs at any size).
 
 The exported graph becomes a plain :class:`torch.fx.GraphModule` that keeps the model's parameter
 names (``state_dict`` keys) and trains: ops whose behaviour depends on the mode (:data:`MODE_ARGS`:
@@ -19,8 +26,8 @@ Example:
     ...         return super().forward(torch.nn.functional.pad(x, [pad // 2, pad - pad // 2] * 2))
     >>> net = torch.nn.Sequential(Same(3, 4, 3, 2), torch.nn.BatchNorm2d(4), torch.nn.Dropout(0.5))
     >>> gm, method = rewritable_graph(net, [torch.empty(1, 3, 9, 9)])
-    >>> method, gm(torch.zeros(5, 3, 17, 17)).shape
-    ('export', torch.Size([5, 4, 9, 9]))
+    >>> method, gm(torch.zeros(5, 3, 9, 9)).shape
+    ('export', torch.Size([5, 4, 5, 5]))
     >>> gm.train().training, sorted(k for k in gm.state_dict())[:2]
     (True, ['0.bias', '0.weight'])
 """
@@ -41,7 +48,7 @@ from torch import nn
 from memplan.capture import CapturedGraph, StorageProp, capture, device_of
 from memplan.errors import MemplanError, describe_error
 
-__all__ = ["MODE_ARGS", "anchor_sizes", "capture_rewritable", "rewritable_graph"]
+__all__ = ["MODE_ARGS", "anchor_sizes", "capture_rewritable", "export_graph", "rewritable_graph"]
 
 _ATEN = torch.ops.aten
 MODE_ARGS: dict[object, int] = {  # exported op -> index of its "training" argument
@@ -52,13 +59,16 @@ MODE_ARGS: dict[object, int] = {  # exported op -> index of its "training" argum
 }
 
 
-def _export(model: nn.Module, inputs: Sequence[torch.Tensor]) -> fx.GraphModule:
+def export_graph(model: nn.Module, inputs: Sequence[torch.Tensor], symbolic: bool = False) -> fx.GraphModule:
+    """The torch.export graph of ``model`` at the sizes of ``inputs`` (batch symbolic; every dim with
+    ``symbolic``, sizes then re-read where they are used: :func:`anchor_sizes`), as a trainable
+    :class:`torch.fx.GraphModule` (module docstring)."""
     from torch.export import Dim
 
     device = device_of(model)  # a meta model exports on meta examples (a sweep never allocates)
     examples = tuple(torch.zeros((max(2, t.shape[0]), *t.shape[1:]) if t.dim() else (), dtype=t.dtype,
                                  device=device) for t in inputs)
-    dynamic = tuple({d: Dim.AUTO for d in range(t.dim())} for t in examples)
+    dynamic = tuple({d: Dim.AUTO for d in range(t.dim() if symbolic else min(t.dim(), 1))} for t in examples)
     logging.disable(logging.WARNING)
     try:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
@@ -68,7 +78,8 @@ def _export(model: nn.Module, inputs: Sequence[torch.Tensor]) -> fx.GraphModule:
     exported = ep.module()
     gm = fx.GraphModule(exported, exported.graph, type(model).__name__)
     graph = gm.graph
-    anchor_sizes(graph)
+    if symbolic:
+        anchor_sizes(graph)
     for node in list(graph.nodes):
         if node.op == "call_module" and not node.users:  # export's shape-guard call
             graph.erase_node(node)
@@ -157,7 +168,9 @@ def _local_size(graph: fx.Graph, user: fx.Node, s: fx.Node, dims: dict[object, t
     return new
 
 
-def rewritable_graph(model: nn.Module, inputs: Sequence[torch.Tensor]) -> tuple[fx.GraphModule, str]:
+def rewritable_graph(
+    model: nn.Module, inputs: Sequence[torch.Tensor], symbolic: bool = False
+) -> tuple[fx.GraphModule, str]:
     """``(graph module, "fx" | "export")`` for ``model`` (module docstring); :class:`MemplanError` when
     neither works, naming both reasons."""
     try:
@@ -165,20 +178,20 @@ def rewritable_graph(model: nn.Module, inputs: Sequence[torch.Tensor]) -> tuple[
     except Exception as e:  # noqa: BLE001 - any tracing failure triggers the export fallback
         fx_error = describe_error(e)
     try:
-        return _export(model, inputs), "export"
+        return export_graph(model, inputs, symbolic), "export"
     except Exception as e:  # noqa: BLE001
         raise MemplanError(f"cannot capture {type(model).__name__} for rewriting: torch.fx failed ({fx_error}); "
                            f"torch.export failed ({describe_error(e)})") from e
 
 
-def capture_rewritable(model: nn.Module, inputs: Sequence[torch.Tensor]) -> CapturedGraph:
+def capture_rewritable(model: nn.Module, inputs: Sequence[torch.Tensor], symbolic: bool = False) -> CapturedGraph:
     """:func:`memplan.capture.capture` for fx-traceable models (module paths recorded by its tracer);
     else the exported graph of :func:`rewritable_graph` with shapes propagated on fake tensors."""
     try:
         return capture(model, inputs, method="fx")
     except MemplanError:
         pass
-    gm, method = rewritable_graph(model, inputs)
+    gm, method = rewritable_graph(model, inputs, symbolic)
     return propagate(gm, inputs, method)
 
 

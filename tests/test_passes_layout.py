@@ -214,7 +214,7 @@ def test_same_padding_student_from_the_exported_graph() -> None:
 def test_exported_student_trains_saves_and_exports() -> None:
     teacher = _teacher(SameNet())
     gm = aggressive_pool(teacher, torch.empty(1, 3, 32, 32), factor=2).module
-    x = torch.randn(4, 3, 40, 40)  # another batch and size: nothing baked in
+    x = torch.randn(4, 3, 32, 32)  # another batch: the exported graph's batch is symbolic
     gm.train()
     torch.manual_seed(1)
     a = gm(x)

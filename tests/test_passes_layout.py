@@ -211,6 +211,16 @@ def test_same_padding_student_from_the_exported_graph() -> None:
     assert student.peak_bytes == 3 * 33 * 33 * 4 + 32 * 9 * 9 * 4
 
 
+def test_same_padding_student_reads_each_pad_at_its_resolution() -> None:
+    """The export fixes spatial sizes, so a "same" pad is a constant: at 36x36 the teacher's conv1 reads
+    18x18 and pads (0, 1); the student's conv1 reads 9x9, which needs (1, 1), the pad the teacher
+    exported at 18x18 has there. The reference (pads computed at run time) agrees on the output."""
+    assert analyze_downsampling(SameNet(), torch.empty(1, 3, 36, 36)).static_sizes
+    student = _check_student(SameNet, (2, 2, 2), (4, 2, 1), (1, 3, 36, 36))
+    pads = [n.args[1] for n in student.module.graph.nodes if "pad" in str(n.target)]
+    assert pads[1] == [1, 1, 1, 1]
+
+
 def test_exported_student_trains_saves_and_exports() -> None:
     teacher = _teacher(SameNet())
     gm = aggressive_pool(teacher, torch.empty(1, 3, 32, 32), factor=2).module

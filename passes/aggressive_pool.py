@@ -812,10 +812,15 @@ def build_student(
     """
     try:
         return _build(model, _example(example_inputs), recipe, analysis)
-    except PassError:
+    except PassError as e:
         if not analysis.static_sizes:
             raise
-    return _build(model, _example(example_inputs), recipe, analyze_downsampling(model, example_inputs, symbolic=True))
+        first = e
+    try:
+        symbolic = analyze_downsampling(model, example_inputs, symbolic=True)
+        return _build(model, _example(example_inputs), recipe, symbolic)
+    except PassError:
+        raise first from None  # why the constant-size student failed says more than the retry
 
 
 def _build(model: nn.Module, inputs: list[torch.Tensor], recipe: Recipe, analysis: DownsamplingAnalysis) -> Student:
@@ -865,15 +870,15 @@ def _resize_constants(model: nn.Module, inputs: Sequence[torch.Tensor], analysis
 
     An exported graph holds the numbers that depend on the map size as constants ("same" pads, a
     reshape back to a map, an interpolation's size; :mod:`passes.graph_capture`). The student runs a
-    node whose gain is g (:func:`student_gains`) on a map g times smaller, which is what the teacher
-    does at an input g times smaller: each number the recipe left as the teacher had it is read from
-    the teacher exported at that input. A graph that changes with the input size (control flow on a
+    node whose gain is an integer g (:func:`student_gains`) on a map g times smaller, which is what the
+    teacher does at an input g times smaller: each number the recipe left as the teacher had it is
+    read from the teacher exported at that input. A graph that changes with the input size (control flow on a
     size) is refused naming the node.
     """
     teacher = {n.name: n for n in analysis.captured.gm.graph.nodes}
     by_gain: dict[Fraction, list[str]] = {}
     for name, g in student_gains(analysis, recipe).items():
-        if g is not None and g != 1 and name in nodes and nodes[name].op == "call_function":
+        if g is not None and g != 1 and g.denominator == 1 and name in nodes and nodes[name].op == "call_function":
             by_gain.setdefault(g, []).append(name)
     for g, names in sorted(by_gain.items()):
         scaled = [t.new_zeros((t.shape[0], *t.shape[1:-2], *(math.ceil(d / g) for d in t.shape[-2:])))

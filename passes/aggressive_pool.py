@@ -876,8 +876,9 @@ def _resize_constants(model: nn.Module, inputs: Sequence[torch.Tensor], analysis
     size) is refused naming the node.
     """
     teacher = {n.name: n for n in analysis.captured.gm.graph.nodes}
+    gains = student_gains(analysis, recipe)
     by_gain: dict[Fraction, list[str]] = {}
-    for name, g in student_gains(analysis, recipe).items():
+    for name, g in gains.items():
         if g is not None and g != 1 and g.denominator == 1 and name in nodes and nodes[name].op == "call_function":
             by_gain.setdefault(g, []).append(name)
     for g, names in sorted(by_gain.items()):
@@ -897,6 +898,40 @@ def _resize_constants(model: nn.Module, inputs: Sequence[torch.Tensor], analysis
             node = nodes[name]
             node.args = _resized(node.args, t.args, o.args)
             node.kwargs = _resized(node.kwargs, t.kwargs, o.kwargs)
+    for change in recipe.changes:
+        if isinstance(change, Restride) and change.kind == "conv":
+            _keep_same_padding(analysis, teacher, nodes, change, gains)
+
+
+_PADS = (torch.ops.aten.pad.default, torch.ops.aten.constant_pad_nd.default)
+
+
+def _same_pad(size: int, stride: int, kernel: int, dilation: int) -> tuple[int, int]:
+    """TensorFlow's "SAME" padding of one side: the output is ``ceil(size / stride)``."""
+    total = max((math.ceil(size / stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+    return total // 2, total - total // 2
+
+
+def _keep_same_padding(analysis: DownsamplingAnalysis, teacher: dict[str, fx.Node], nodes: dict[str, fx.Node],
+                       change: Restride, gains: dict[str, Fraction | None]) -> None:
+    """A restrided conv whose constant zero pad was TF "SAME" for the teacher's stride gets the "SAME"
+    pad of its new stride at the student's size (the exported graph fixed the teacher's numbers)."""
+    conv = teacher[change.node]
+    pad = conv.args[0] if conv.args and isinstance(conv.args[0], fx.Node) else None
+    if pad is None or pad.target not in _PADS or len(pad.users) != 1 or pad.args[0].name not in analysis.sizes:
+        return
+    amounts, g = nodes[pad.name].args[1], gains.get(pad.args[0].name)
+    kernel = tuple(conv.args[1].meta[META_KEY].outputs[0].shape[-2:]) if isinstance(conv.args[1], fx.Node) else None
+    dilation = normalized_kwargs(conv).get("dilation", 1)
+    dilation = tuple(dilation) if isinstance(dilation, (list, tuple)) else (dilation, dilation)
+    if kernel is None or g is None or g.denominator != 1 or len(amounts) != 4 or len(dilation) != 2:
+        return
+    size = analysis.sizes[pad.args[0].name]
+    old = [_same_pad(size[i], change.old.stride, kernel[i], dilation[i]) for i in (1, 0)]  # F.pad: last dim first
+    if list(pad.args[1]) != [p for side in old for p in side]:
+        return  # not "SAME" padding in the teacher: a pad of the model's own design stays
+    new = [_same_pad(math.ceil(size[i] / g), change.new.stride, kernel[i], dilation[i]) for i in (1, 0)]
+    nodes[pad.name].args = (nodes[pad.name].args[0], [p for side in new for p in side], *nodes[pad.name].args[2:])
 
 
 def _resized(student: Any, teacher: Any, other: Any) -> Any:

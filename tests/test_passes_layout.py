@@ -221,6 +221,30 @@ def test_same_padding_student_reads_each_pad_at_its_resolution() -> None:
     assert pads[1] == [1, 1, 1, 1]
 
 
+class SameResNet(nn.Module):
+    """A "same"-padded strided conv beside an average-pool shortcut (NFNet's downsampling block)."""
+
+    def __init__(self, strides: Sequence[int] = (2, 2)) -> None:
+        super().__init__()
+        self.stem = Conv2dSame(3, 8, 3, strides[0])
+        self.conv = Conv2dSame(8, 8, 3, strides[1])
+        self.short = nn.AvgPool2d(strides[1], strides[1], ceil_mode=True) if strides[1] > 1 else nn.Identity()
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.stem(x))
+        return self.head((F.relu(self.conv(x)) + self.short(x)).mean((2, 3)))
+
+
+def test_restrided_same_conv_keeps_same_padding() -> None:
+    """k=2 at 32x32: the block's conv goes from stride 2 to 1. The teacher pads its 16x16 input by
+    (0, 1) for stride 2; kept at stride 1 that gives 15x15 against the shortcut's 16x16. "SAME" padding
+    stays "SAME": (1, 1) for stride 1, as the reference built with stride 1 computes it."""
+    student = _check_student(SameResNet, (2, 2), (4, 1), (1, 3, 32, 32))
+    pads = [n.args[1] for n in student.module.graph.nodes if "pad" in str(n.target)]
+    assert pads == [[0, 0, 0, 0], [1, 1, 1, 1]]
+
+
 def test_exported_student_trains_saves_and_exports() -> None:
     teacher = _teacher(SameNet())
     gm = aggressive_pool(teacher, torch.empty(1, 3, 32, 32), factor=2).module

@@ -887,8 +887,9 @@ def _resize_constants(model: nn.Module, inputs: Sequence[torch.Tensor], analysis
         try:
             other = {n.name: n for n in export_graph(model, scaled).graph.nodes}
         except Exception as e:  # noqa: BLE001 - the teacher may not run that small
-            raise PassError(f"cannot export {analysis.model} at {tuple(scaled[0].shape)} to size the ops the "
-                            f"factor-{recipe.factor} student runs {g}x smaller: {describe_error(e)}") from e
+            raise PassError(f"the factor-{recipe.factor} student of {analysis.model} runs ops on maps {g}x smaller, "
+                            f"and the teacher does not export at {tuple(scaled[0].shape)} to size them: "
+                            f"{describe_error(e)}") from e
         for name in names:
             t, o = teacher[name], other.get(name)
             if o is None or o.target != t.target:

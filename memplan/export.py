@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
+from google.protobuf.message import EncodeError
 from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
@@ -419,12 +420,19 @@ def _batches_of(real: torch.Tensor, batch: int | None) -> list[tuple[torch.Tenso
 PROTOBUF_LIMIT = 2**31 - 1  # bytes: a larger model keeps its weights in an external data file
 
 
+def _over_protobuf_limit(proto: onnx.ModelProto) -> bool:
+    try:
+        return proto.ByteSize() >= PROTOBUF_LIMIT
+    except EncodeError:  # protobuf cannot even size a message past 2 GiB
+        return True
+
+
 def _write_checked(proto: onnx.ModelProto, tmp: Path) -> list[Path]:
     """Write ``proto`` to ``tmp`` after ``onnx.checker``; returns the files written, data first. A model
     over protobuf's 2 GiB limit (ViT-H, RegNetY-128GF) stores its tensors in ``<name>.data`` beside it
     (ONNX external data, which onnxruntime and ``onnx.load`` read)."""
     try:
-        if proto.ByteSize() < PROTOBUF_LIMIT:
+        if not _over_protobuf_limit(proto):
             data = proto.SerializeToString()  # once: the checker and the file share it (100 MB for ResNet-50)
             onnx.checker.check_model(data, full_check=True)
             tmp.write_bytes(data)

@@ -607,8 +607,9 @@ def _absorb(
     remaining = factor
     first = stem.pools if absorb == "stem" else ()
     later = [levels[i] for i in first] + [lv for lv in reversed(levels) if lv.index not in first]
-    later = [lv for lv in later if lv.index != stem.level and all(p.node in entry for p in lv.points)
-             and not any(KIND_RULES[p.kind].fixed for p in lv.points)]
+    later = [lv for lv in later if lv.index != stem.level and all(p.node in entry for p in lv.points)]
+    fixed = [lv for lv in later if any(KIND_RULES[p.kind].fixed for p in lv.points)]
+    later = [lv for lv in later if lv not in fixed]
     absorbed: dict[int, int] = {}
     for lv in later:
         if remaining == 1:
@@ -617,10 +618,12 @@ def _absorb(
         absorbed[lv.index] = f
         remaining //= f
     if remaining > 1:
+        kept = ", ".join(f"{lv.label} x{lv.stride}" for lv in sorted(fixed, key=lambda v: v.index))
+        kept = f"; kept as they are, space-to-depth: {kept}" if kept else ""
         raise AbsorbError(
             f"factor {factor} cannot be absorbed by {analysis.model} at input "
             f"{'x'.join(map(str, analysis.input_shape))}: the downsampling after the stem "
-            f"({', '.join(f'{lv.label} x{lv.stride}' for lv in later) or 'none'}) gives up only "
+            f"({', '.join(f'{lv.label} x{lv.stride}' for lv in later) or 'none'}{kept}) gives up only "
             f"x{factor // remaining}, so the final feature map would shrink; use a factor of at most "
             f"{factor // remaining}"
         )

@@ -439,3 +439,16 @@ def test_space_to_depth_student_keeps_the_rearrangement() -> None:
     assert [c.describe() for c in student.recipe.changes] == [
         "conv2 (conv): stride 2 -> 1", "stem_pool (max_pool): inserted after pool, 2x2 stride 2"]
     assert student.peak_bytes == analyze(SpaceToDepthNet(), (1, 3, 64, 64)).peak_bytes == 2 * 3 * 64 * 64 * 4
+
+
+def test_a_net_that_only_rearranges_after_its_stem_is_refused_saying_so() -> None:
+    """``pixel_unshuffle`` keeps every element: a fixed downsampling, so nothing after the stem can give
+    up the factor, and the refusal names what it kept."""
+    from passes import AbsorbError
+
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1), nn.PixelUnshuffle(2), nn.Conv2d(32, 8, 3, 1, 1),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2)).eval()
+    a = analyze_downsampling(net, torch.empty(1, 3, 16, 16))
+    assert [(p.kind, p.stride) for lv in a.levels for p in lv.points] == [("space_to_depth", 2)]
+    with pytest.raises(AbsorbError, match=r"\(none; kept as they are, space-to-depth: 1 x2\) gives up only x1"):
+        aggressive_pool(net, torch.empty(1, 3, 16, 16), factor=2)

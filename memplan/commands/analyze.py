@@ -48,26 +48,25 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Execute ``memplan analyze``."""
+    from memplan.errors import MemplanError
+
     texts = args.input or []
     if (args.runtime or args.model.endswith(".onnx")) and len(texts) > 1:
-        from memplan.errors import MemplanError
-
         raise MemplanError("--runtime and FILE.onnx take one --input (the image); "
                            f"got {len(texts)}")
-    args.input = texts[0] if texts else None
+    image = texts[0] if texts else None
     if args.runtime:
-        from memplan.errors import MemplanError
         from memplan.ort_runtime import analyze_runtime
 
         if args.order != "program" or args.ort_optimized or args.form != "deploy" or args.dtype != "float32" \
                 or args.inplace_elementwise:
             raise MemplanError("--runtime predicts onnxruntime's own plan (its order, float32 as exported): "
                                "it does not combine with --order/--form/--dtype/--inplace-elementwise/--ort-optimized")
-        report = analyze_runtime(args.model, parse_shape(args.input) if args.input else None, runtime=args.runtime)
+        report = analyze_runtime(args.model, parse_shape(image) if image else None, runtime=args.runtime)
     elif args.model.endswith(".onnx"):
         from memplan.onnx_ort import analyze_onnx_file
 
-        report = analyze_onnx_file(args.model, ort_optimized=args.ort_optimized, input_shape=args.input,
+        report = analyze_onnx_file(args.model, ort_optimized=args.ort_optimized, input_shape=image,
                                    form=args.form, dtype=args.dtype, inplace_elementwise=args.inplace_elementwise)
     else:
         model = load_model(args.model)

@@ -44,6 +44,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from memplan.errors import CaptureError, describe_error
 
 META_KEY = "memplan"
+# ops that read only the shape, dtype and device of their tensor argument: what they compute from it is
+# parameter-side (a runtime builds it as a constant; Swin's attention mask from ``x.new_zeros``)
+METADATA_READERS = frozenset({"new_zeros", "new_ones", "new_empty", "new_full", "zeros_like", "ones_like",
+                              "empty_like", "full_like", "rand_like", "randn_like", "randint_like"})
 
 
 @dataclass(frozen=True)
@@ -209,7 +213,8 @@ class StorageProp(torch.fx.Interpreter):
                   if isinstance(t, torch.Tensor)]
         # parameter-side: no tensor input carries activation data (nodes without tensor outputs,
         # such as x.size(0), carry shapes only, which are static for a runtime)
-        act_args = [a for a in args if not _meta(a).param_side and _meta(a).outputs]
+        act_args = [a for a in args if not _meta(a).param_side and _meta(a).outputs
+                    and target_name(n, self.module).rstrip("_") not in METADATA_READERS]
         param_side = n.op == "get_attr" or (n.op in _CALLS and not act_args)
         self._recorder.start([t for a in act_args for t in pytree.tree_leaves(self.env[a])
                               if isinstance(t, torch.Tensor)])

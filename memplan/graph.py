@@ -119,7 +119,10 @@ _MODULE_KINDS: list[tuple[type[nn.Module], str]] = [
 ]
 _NAME_KINDS: dict[str, str] = {
     **dict.fromkeys(["conv1d", "conv2d", "conv3d", "convolution", "conv_transpose2d", "_convolution"], "conv"),
-    **dict.fromkeys(["linear", "addmm"], "linear"),
+    # matmuls read strided operands (a transposed or permuted view) like linear layers do
+    **dict.fromkeys(["linear", "addmm", "matmul", "bmm", "mm", "baddbmm"], "linear"),
+    # a copy into another memory order (what matmul and reshape make of a permuted view in eager)
+    **dict.fromkeys(["clone", "contiguous"], "layout"),
     **dict.fromkeys(["batch_norm", "_native_batch_norm_legit_no_training", "native_batch_norm"], "bn"),
     **dict.fromkeys(
         ["relu", "relu6", "hardswish", "hardsigmoid", "silu", "sigmoid", "tanh", "gelu", "leaky_relu",
@@ -307,6 +310,7 @@ class _Merger:
         self.g = g
         self.parent = {s: s for s in g.storages}
         self.kind = {o.name: o.kind for o in g.ops}
+        self.op_of = {o.name: o for o in g.ops}
         self.readers: dict[int, set[str]] = {s: set() for s in g.storages}
         for o in g.ops:
             for s in o.reads if not is_alias(o) else ():
@@ -400,10 +404,15 @@ def _rule_broadcast_view(m: _Merger, op: Op) -> int | None:
 
 
 def _rule_layout_view(m: _Merger, op: Op) -> int | None:
-    """A layout copy (``Transpose``) is a view, as ``permute`` is in PyTorch, when only ops that read
-    strided operands read it: element-wise ops, matmuls (a transposed operand), broadcasts and
-    further layout ops."""
-    return _input_if_read_only_by(m, op, ("layout", "broadcast", "eltwise", "linear"))
+    """A layout copy (ONNX ``Transpose``; ``clone``/``contiguous`` in PyTorch, which eager matmul and
+    reshape make of a permuted view) is a view, as ``permute`` is, when only ops that read strided
+    operands read it and none writes into it: element-wise ops, matmuls (a transposed operand),
+    broadcasts and further layout ops."""
+    base = _input_if_read_only_by(m, op, ("layout", "broadcast", "eltwise", "linear"))
+    out = m.find(op.writes[0]) if op.writes else None
+    if base is None or any(out in {m.find(s) for s in m.op_of[r].mutates} for r in m.readers[out]):
+        return None
+    return base
 
 
 def _rule_dequantize(m: _Merger, op: Op) -> int | None:

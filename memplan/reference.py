@@ -39,7 +39,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from memplan.capture import inference
+from memplan.capture import METADATA_READERS, inference
 from memplan.errors import MemplanError, describe_error
 
 
@@ -86,7 +86,8 @@ class _Recorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        ins = {self.sid(t) for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        ins = {self.sid(t) for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)
+               and func.__name__.split(".")[0] not in METADATA_READERS}
         known = set(self.nbytes)
         out = func(*args, **kwargs)
         from_act = bool(ins & self.activation)

@@ -66,7 +66,7 @@ def measure(name: str, repeat: int, tmp: Path) -> dict:
             warnings.simplefilter("ignore")
             result = export_onnx(model, x, tmp / "memplan.onnx")
         ours.append(time.perf_counter() - start)
-    return {"model": name, "size": x.shape[-1], "plain_s": round(min(plain), 2), "memplan_s": round(min(ours), 2),
+    return {"model": name, "size": x.shape[-1], "torch": torch.__version__, "plain_s": round(min(plain), 2), "memplan_s": round(min(ours), 2),
             "ratio": round(min(ours) / min(plain), 3), "bn_folded": len(result.folded),
             "max_abs_diff": result.max_abs_diff, "max_rel_diff": result.max_rel_diff,
             "all_plain_s": [round(t, 2) for t in plain], "all_memplan_s": [round(t, 2) for t in ours]}

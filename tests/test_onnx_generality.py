@@ -237,6 +237,42 @@ def test_layout_views_match_pytorch(tmp_path, model, op, expected):
     assert analyze_onnx(tmp_path / "v.onnx").peak_bytes == analyze(m, SHAPE).peak_bytes == expected
 
 
+class MaskedTokenAttention(nn.Module):
+    """Swin-style attention over a map's tokens: q, k, v are permuted views of one projection (eager
+    matmul copies them contiguous: aten ``clone``), and the additive mask is built from
+    ``x.new_zeros`` (shape only: a constant for a runtime)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.qkv, self.out = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 24), nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        h = self.conv(x)
+        n, c, hh, ww = h.shape
+        t = h.flatten(2).transpose(1, 2)  # (1, 256, 8) tokens
+        q, k, v = self.qkv(t).reshape(n, hh * ww, 3, 2, c // 2).permute(2, 0, 3, 1, 4).unbind(0)
+        mask = t.new_zeros(hh * ww, hh * ww)
+        mask[: hh * ww // 2, hh * ww // 2:] = -100.0
+        a = ((q @ k.transpose(-2, -1)) + mask).softmax(-1)
+        y = (a @ v).transpose(1, 2).reshape(n, hh * ww, c).transpose(1, 2).reshape(n, c, hh, ww)
+        return self.out(y)
+
+
+def test_eager_matmul_copies_and_shape_only_masks_match_onnx(tmp_path):
+    """PyTorch's deploy form counts what ONNX's does: the contiguous copies eager matmul makes of the
+    permuted q and k are views (as a Transpose read by MatMul is), and the mask computed from a
+    shape is parameter-side (the exporter folds it into a constant), in the aten reference too."""
+    from memplan.reference import aten_reference
+
+    m = MaskedTokenAttention().eval()
+    _exported(m, tmp_path / "a.onnx", "memplan")
+    r = analyze(m, SHAPE)
+    assert r.peak_bytes == analyze_onnx(tmp_path / "a.onnx").peak_bytes
+    assert r.param_side_bytes >= 256 * 256 * 4  # the mask
+    ref = aten_reference(m, torch.empty(SHAPE))
+    assert analyze(m, SHAPE, form="as-written").peak_bytes == ref.peak_bytes
+
+
 # --------------------------------------------------------------------------- hand-built ONNX files
 def _vi(name, shape, dtype=F32):
     return helper.make_tensor_value_info(name, dtype, shape)

@@ -857,15 +857,16 @@ class _Estimator:
 
     def estimate(self, cand: Candidate, grid: tuple[int, int], cache: bool = False) -> _Estimate:
         g, last = self.report.graph, self.step[cand.node]
-        tails = np.zeros(grid)
+        diff: list[np.ndarray] = [np.zeros(grid) for _ in range(last + 2)]
         if cache:  # row bands: the rows each band holds, plus the rows it keeps for the next band
             bands = _band_regions(self.cg.gm, cand, self.ops, grid[0])
             regions = [[b[0] for b in bands], self._lengths(cand, 1, 1)]
             for i, (need, _, _) in enumerate(bands[:-1]):
                 for name, (lo, _) in bands[i + 1][0].items():
-                    if name in need and lo < need[name][1]:
+                    if name in need and lo < need[name][1]:  # kept from when the band computes them
                         shape = _shape(self.nodes[name])
-                        tails[i] += (need[name][1] - lo) * _meta_outputs(self.nodes[name])[0].nbytes / shape[2]
+                        diff[min(self.step.get(name, 0), last)][i] += \
+                            (need[name][1] - lo) * _meta_outputs(self.nodes[name])[0].nbytes / shape[2]
         else:
             regions = [self._lengths(cand, 0, grid[0]), self._lengths(cand, 1, grid[1])]
 
@@ -881,12 +882,11 @@ class _Estimator:
             shape = _shape(self.nodes[name])
             scale[s] = np.outer(frac(0, name, shape[2]), frac(1, name, shape[3])) * st.nbytes
         split_bytes = _meta_outputs(self.nodes[cand.node])[0].nbytes
-        diff: list[np.ndarray] = [np.zeros(grid) for _ in range(last + 2)]
         for lt in self.report.lifetimes:
             if lt.storage in scale and lt.start <= last:
                 diff[lt.start] = diff[lt.start] + scale[lt.storage]
                 diff[min(lt.end, last) + 1] = diff[min(lt.end, last) + 1] - scale[lt.storage]
-        acc, peak = tails, 0.0
+        acc, peak = np.zeros(grid), 0.0
         for t in range(last + 1):
             acc = acc + diff[t]
             peak = max(peak, float(acc.max()))

@@ -700,7 +700,8 @@ class _Builder:
             return rows(avail[a.name], (want[0] - have[0], want[1] - have[0]))
 
         x = next(n for n in nodes if n.op == "placeholder")
-        if x.name in need:
+        streamed = self._streamed_readers(x) if self.stream else set()
+        if x.name in need and not streamed:
             cols = slice(*need_w[x.name]) if need_w[x.name] != (0, _shape(x)[3]) else slice(None)
             comp = _computed(need[x.name], done, x.name) if self.stream else need[x.name]
             src = self.env[x.name]
@@ -723,6 +724,9 @@ class _Builder:
                 finish(name, *self._band_pointwise(n, comp, need_w[name], need, avail, extra, crop, tag))
                 continue
             a = n.all_input_nodes[0] if n.op == "call_module" else _normalized(gm, n)["input"]
+            if name in streamed:
+                finish(name, self._streamed_rows(n, op, x, comp, need_w, tag))
+                continue
             rh, rw = reads[(name, a.name)], reads_w[(name, a.name)]
             ah, aw = _shape(a)[2:]
             src = crop(a, _clip(rh, ah))
@@ -747,6 +751,37 @@ class _Builder:
                 src = g.call_function(F.pad, (src, (*pad_w, *pad_h)), {"value": op.pad_value})
             finish(name, g.create_node("call_function", op.call, (src,), kwargs, name=f"{name}_{tag}"), surplus)
         return crop(self.nodes[self.cand.node], need[self.cand.node])
+
+    def _streamed_readers(self, x: fx.Node) -> set[str]:
+        """The windowed ops that read a streamed input when all its readers are windowed ops whose
+        windows do not overlap along the rows (kernel <= stride, a patchify stem): they run one
+        output row at a time on just the input rows it reads, so no band of the input is resident."""
+        readers = [u for u in x.users if u.name in self.cand.prefix]
+        windows = [self.ops[u.name].windows[0] for u in readers if self.ops[u.name].kind != "pointwise"]
+        ok = readers and len(windows) == len(readers) and all(w.dilation * (w.kernel - 1) + 1 <= w.stride
+                                                                for w in windows)
+        return {u.name for u in readers} if ok else set()
+
+    def _streamed_rows(self, n: fx.Node, op: LocalOp, x: fx.Node, comp: Range, need_w: dict[str, Range],
+                       tag: str) -> fx.Node:
+        """Output rows ``comp`` of a windowed op over the streamed input, a row at a time: each row
+        copies the input rows its windows read (zeros past the borders) and nothing else."""
+        g, w, (xh, xw) = self.g, op.windows[0], _shape(x)[2:]
+        rw = op.windows[1].input_range(need_w[n.name])
+        pad_w = (max(0, -rw[0]), max(0, rw[1] - xw))
+        kwargs = {k: self._value(v) for k, v in op.kwargs.items()}
+        kwargs["padding"] = (0, 0)
+        parts = []
+        for r in range(*comp):
+            lo, hi = w.input_range((r, r + 1))
+            rows = g.call_function(operator.getitem, (self.env[x.name], (slice(None), slice(None),
+                                   slice(max(lo, 0), min(hi, xh)), slice(max(rw[0], 0), min(rw[1], xw)))))
+            src = g.call_method("clone", (rows,))
+            pads = (*pad_w, max(0, -lo), max(0, hi - xh))
+            if any(pads):
+                src = g.call_function(F.pad, (src, pads), {"value": op.pad_value})
+            parts.append(g.create_node("call_function", op.call, (src,), kwargs, name=f"{n.name}_{tag}_r{r}"))
+        return parts[0] if len(parts) == 1 else g.call_function(torch.cat, (parts, 2))
 
     @staticmethod
     def _surplus(n: fx.Node, a: fx.Node, op: LocalOp, rh: Range, comp: Range, pad: int) -> int:

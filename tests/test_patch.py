@@ -270,6 +270,38 @@ def test_cached_patched_peak_of_a_chain_by_hand():
         _assert_equal(r)
 
 
+class Patchify(nn.Module):
+    """A patchify stem (2x2 windows, stride 2: they do not overlap) before a 3x3 conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.conv = nn.Conv2d(1, 2, 2, stride=2), nn.Conv2d(2, 2, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(torch.relu(self.stem(x))).relu().mean((2, 3))
+
+
+def test_streamed_patchify_stem_reads_its_input_a_row_at_a_time(monkeypatch):
+    """Streamed, a stem whose windows do not overlap runs one output row at a time on the 2 input rows
+    it reads, so no band of the input is ever resident. At 16x16 in two bands: the 8x8x2 map (512 B)
+    plus a band's 4 stem rows twice (the rows and their concatenation, 2 x 256 B) = 1,024 B. Copying
+    each band's 8 input rows whole instead (512 B) gives 512 + 512 + 256 = 1,280 B."""
+    import operator
+
+    from passes.patch import _Builder
+
+    net = _seeded(Patchify())
+    r = patch_model(net, (1, 1, 16, 16), grid=(2, 1), split_node="relu", halo="cache", stream_input=True)
+    crops = [n.args[1][2] for n in r.module.graph.nodes
+             if n.target is operator.getitem and n.args[0].op == "placeholder"]
+    assert [(c.start, c.stop) for c in crops] == [(i, i + 2) for i in range(0, 16, 2)]
+    assert r.patched_peak_bytes == 512 + 2 * 256
+    _assert_equal(r)
+    monkeypatch.setattr(_Builder, "_streamed_readers", lambda self, x: set())
+    whole = patch_model(net, (1, 1, 16, 16), grid=(2, 1), split_node="relu", halo="cache", stream_input=True)
+    assert whole.patched_peak_bytes == 512 + 512 + 256
+
+
 def test_each_patch_dies_before_the_next_runs():
     """In memplan's liveness of the patched graph every tensor a patch allocates is dead by the copy
     that ends it; only the assembled map (and the input) outlive patches."""

@@ -21,7 +21,9 @@ order runs patch after patch, so each patch's tensors die before the next patch 
 deploy-form peak (docs/definitions.md §1-§2) counts one patch's working set plus the assembled map,
 and the input image while any patch still reads it. With ``stream_input`` each patch copies its
 input crop first and the input itself is not counted (a camera delivering rows,
-docs/definitions.md §1's lifetime rule applied to the crops only).
+docs/definitions.md §1's lifetime rule applied to the crops only); when only windows that do not
+overlap read the input (a patchify stem, stride >= kernel), a cached band copies the input rows of
+one output row at a time instead of its whole crop.
 
 Halos are recomputed by every patch (MCUNetV2; any grid, more MACs) or, with ``halo="cache"``,
 cached: full-width row bands run top to bottom, every node computes only the rows no earlier band

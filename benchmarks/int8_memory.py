@@ -1,0 +1,86 @@
+"""int8 activation memory: fp32 vs static QDQ int8 of the same export, in memplan's analysis and in
+onnxruntime (issue 12's "int8 activations ~4x below fp32 in memplan's analysis and in onnxruntime
+measured").
+
+Zoo models at 224x224 (random weights), exported by ``memplan.export.export_onnx`` and quantized by
+``memplan.quantize.quantize_onnx`` (QDQ, per-channel weights). Calibration uses 8 seeded random
+images: only memory is compared here, so the calibration's accuracy does not matter (accuracy is
+``benchmarks/int8_accuracy.py``). Per file: the deploy-form peak (``memplan analyze FILE.onnx``),
+the ``--runtime ort`` prediction and onnxruntime's measured peak by the clean method (arena off, 1
+thread, median of 3, input included). The target is that int8 is about 4x below fp32 in each.
+
+Usage:
+    python benchmarks/int8_memory.py [--only resnet18 ...] [--force]
+Writes benchmarks/results/int8_memory.json (rows as they finish; rows already there are skipped
+unless --force) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+import torch
+
+from memplan.export import export_onnx
+from memplan.io import write_json
+from memplan.measure import measure_onnxruntime
+from memplan.onnx_ort import analyze_onnx_file
+from memplan.ort_runtime import analyze_runtime
+from memplan.quantize import quantize_onnx
+from memplan.zoo import create_model
+
+RESULTS = Path(__file__).parent / "results" / "int8_memory.json"
+MODELS = ("resnet18", "mobilenet_v2")
+SHAPE = (1, 3, 224, 224)
+
+
+def measure(name: str, tmp: Path) -> dict:
+    torch.manual_seed(0)
+    model = create_model(name).eval()
+    fp32, int8 = tmp / f"{name}.onnx", tmp / f"{name}_int8.onnx"
+    export_onnx(model, torch.randn(SHAPE), fp32)
+    calibration = np.random.default_rng(0).standard_normal((8, *SHAPE[1:])).astype(np.float32)
+    quantize_onnx(fp32, int8, calibration, calibration[:4])
+    row: dict = {"model": name, "size": SHAPE[-1]}
+    for label, path in (("fp32", fp32), ("int8", int8)):
+        row[f"{label}_deploy_bytes"] = analyze_onnx_file(path).peak_bytes
+        row[f"{label}_predicted_ort_bytes"] = analyze_runtime(path).peak_bytes
+        row[f"{label}_measured_bytes"] = measure_onnxruntime(path, [SHAPE], repeats=3, runs=1).peak_bytes
+    for kind in ("deploy", "predicted_ort", "measured"):
+        row[f"{kind}_ratio"] = round(row[f"fp32_{kind}_bytes"] / row[f"int8_{kind}_bytes"], 3)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", nargs="*", choices=MODELS, default=list(MODELS))
+    ap.add_argument("--force", action="store_true", help="re-measure rows already in the results file")
+    args = ap.parse_args()
+    doc = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"rows": []}
+    doc["environment"] = {"onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
+                          "machine": platform.machine(), "device": "cpu"}
+    rows = {r["model"]: r for r in doc["rows"]}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.only:
+            if name in rows and not args.force:
+                continue
+            rows[name] = measure(name, Path(tmp))
+            doc["rows"] = list(rows.values())
+            write_json(doc, str(RESULTS))
+    print(f"{'model':<14} {'form':<16} {'fp32':>12} {'int8':>12} {'ratio':>7}")
+    for r in rows.values():
+        for kind in ("deploy", "predicted_ort", "measured"):
+            print(f"{r['model']:<14} {kind:<16} {r[f'fp32_{kind}_bytes']:>12,} {r[f'int8_{kind}_bytes']:>12,} "
+                  f"{r[f'{kind}_ratio']:>6.2f}x")
+    print("\ntarget: int8 about 4x below fp32 in each form; measured = onnxruntime, arena off, 1 thread, "
+          "median of 3, input included")
+
+
+if __name__ == "__main__":
+    main()

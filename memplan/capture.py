@@ -213,8 +213,8 @@ class StorageProp(torch.fx.Interpreter):
                   if isinstance(t, torch.Tensor)]
         # parameter-side: no tensor input carries activation data (nodes without tensor outputs,
         # such as x.size(0), carry shapes only, which are static for a runtime)
-        act_args = [a for a in args if not _meta(a).param_side and _meta(a).outputs
-                    and target_name(n, self.module).rstrip("_") not in METADATA_READERS]
+        shape_only = n.op in _CALLS and target_name(n, self.module).rstrip("_") in METADATA_READERS
+        act_args = [a for a in args if not _meta(a).param_side and _meta(a).outputs and not shape_only]
         param_side = n.op == "get_attr" or (n.op in _CALLS and not act_args)
         self._recorder.start([t for a in act_args for t in pytree.tree_leaves(self.env[a])
                               if isinstance(t, torch.Tensor)])

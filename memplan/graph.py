@@ -409,10 +409,10 @@ def _rule_layout_view(m: _Merger, op: Op) -> int | None:
     operands read it and none writes into it: element-wise ops, matmuls (a transposed operand),
     broadcasts and further layout ops."""
     base = _input_if_read_only_by(m, op, ("layout", "broadcast", "eltwise", "linear"))
-    out = m.find(op.writes[0]) if op.writes else None
-    if base is None or any(out in {m.find(s) for s in m.op_of[r].mutates} for r in m.readers[out]):
+    if base is None:
         return None
-    return base
+    out = m.find(op.writes[0])
+    return None if any(out in {m.find(s) for s in m.op_of[r].mutates} for r in m.readers[out]) else base
 
 
 def _rule_dequantize(m: _Merger, op: Op) -> int | None:

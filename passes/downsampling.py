@@ -5,8 +5,9 @@ model traces, else torch.export with symbolic sizes (:mod:`passes.graph_capture`
 
 - A **downsampling point** is a conv or a max/avg pool (module or functional) with stride > 1 whose
   output is spatially smaller than its input, or a space-to-depth rearrangement (a reshape that moves
-  pixel blocks into channels, keeping every element; TResNet's stem), which the student keeps as it is. Global pools (adaptive pools, or a pool down to 1×1)
-  are left alone, as is everything without a spatial layout (flatten, linear...).
+  pixel blocks into channels, keeping every element; TResNet's stem), which the student keeps as it
+  is. Global pools (adaptive pools, or a pool down to 1×1) are left alone, as is everything without a
+  spatial layout (flatten, linear...).
 - Nodes joined by a data edge of equal spatial size form a **region**. The points whose outputs lie in
   the same region are **coupled** — a residual's strided conv and its strided 1×1 (or pooling)
   shortcut meet at the add, the strided branches of a concat meet at the cat — and form one
@@ -112,8 +113,6 @@ class KindRule:
 
     def restride(self, g: Geometry, stride: int) -> Geometry:
         """The geometry with the new stride."""
-        if self.fixed and stride != g.stride:
-            raise PassError(f"a {g.stride}x{g.stride} space-to-depth rearrangement cannot take stride {stride}")
         if self.kernel_follows_stride and g.kernel == g.stride:
             return Geometry(stride, stride)
         return Geometry(g.kernel, stride)

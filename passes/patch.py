@@ -776,8 +776,7 @@ class _Builder:
         parts = []
         for r in range(*comp):
             lo, hi = w.input_range((r, r + 1))
-            rows = g.call_function(operator.getitem, (self.env[x.name], (slice(None), slice(None),
-                                   slice(max(lo, 0), min(hi, xh)), slice(max(rw[0], 0), min(rw[1], xw)))))
+            rows = g.call_function(operator.getitem, (self.env[x.name], _slices(_clip((lo, hi), xh), _clip(rw, xw))))
             src = g.call_method("clone", (rows,))
             pads = (*pad_w, max(0, -lo), max(0, hi - xh))
             if any(pads):

@@ -205,7 +205,7 @@ import numpy as np
 import onnxruntime as ort
 
 path, arena, threads, repeats, runs = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-shapes, trace = json.loads(sys.argv[6]), sys.argv[7]
+shapes, trace, trim_heap = json.loads(sys.argv[6]), sys.argv[7], sys.argv[8] == "1"
 
 def status(key):
     with open("/proc/self/status") as f:
@@ -228,9 +228,26 @@ def session():
     so.log_severity_level = 3
     return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 
+def trim():  # hand the heap's free pages back, so a run that needs them again is seen touching them
+    if trim_heap and libc is not None:
+        libc.malloc_trim(ctypes.c_size_t(0))
+
+try:
+    libc = ctypes.CDLL("libc.so.6")
+except OSError:
+    libc = None
 sess = session()
 rng = np.random.default_rng(0)
-feeds = {i.name: rng.standard_normal(s).astype(np.float32) for i, s in zip(sess.get_inputs(), shapes)}
+def feed(kind, shape):  # a float input gets normal noise, an integer one its type's full range
+    dtype = np.dtype({"float": "float32", "double": "float64", "float16": "float16"}.get(kind, kind))
+    if dtype.kind == "f":
+        return rng.standard_normal(shape).astype(dtype)
+    if dtype.kind == "b":
+        return rng.integers(0, 2, shape).astype(bool)
+    info = np.iinfo(dtype)
+    return rng.integers(max(info.min, -128), min(info.max, 255) + 1, shape).astype(dtype)
+
+feeds = {i.name: feed(i.type[len("tensor("):-1], s) for i, s in zip(sess.get_inputs(), shapes)}
 sess.run(None, feeds)
 sess.run(None, feeds)  # two warm-ups: code pages, lazily built kernels, the heap's small-block pool
 if trace:
@@ -243,6 +260,7 @@ for _ in range(repeats):
     if arena:  # a fresh arena per sample: a warm one already holds the run's memory
         del sess
         sess = session()
+    trim()
     reset &= reset_peak()
     base = status("VmRSS")
     out = sess.run(None, feeds)
@@ -254,7 +272,7 @@ for _ in range(runs):
     sess.run(None, feeds)
     times.append(time.perf_counter() - t)
 times.sort()
-print(json.dumps({"samples": samples, "reset": reset,
+print(json.dumps({"samples": samples, "reset": reset, "input_bytes": sum(f.nbytes for f in feeds.values()),
                   "latency_ms": 1e3 * times[len(times) // 2] if times else None}))
 """
 
@@ -325,12 +343,12 @@ class AllocTrace:
 
 def _run_child(path: str | Path, input_shapes: Sequence[Sequence[int]], *, arena: bool, threads: int, repeats: int,
                runs: int, timeout: float, trace: Path | None = None, preload: Path | None = None,
-               mmap_threshold: int = 65536) -> dict[str, Any]:
+               mmap_threshold: int = 65536, trim_heap: bool = True) -> dict[str, Any]:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(mmap_threshold), MALLOC_TRIM_THRESHOLD_="0", OMP_NUM_THREADS="1")
     if preload is not None:
         env["LD_PRELOAD"] = str(preload)
     cmd = [sys.executable, "-c", _ORT_CHILD, str(path), "1" if arena else "0", str(threads), str(repeats), str(runs),
-           json.dumps([list(s) for s in input_shapes]), str(trace or "")]
+           json.dumps([list(s) for s in input_shapes]), str(trace or ""), "1" if trim_heap else "0"]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, check=False)
     except subprocess.TimeoutExpired as e:
@@ -376,14 +394,16 @@ def trace_onnxruntime(path: str | Path, input_shapes: Sequence[Sequence[int]], *
 
 def measure_onnxruntime(
     path: str | Path, input_shapes: Sequence[Sequence[int]], *, arena: bool = False, threads: int = 1,
-    repeats: int = 5, runs: int = 5, timeout: float = 600.0, mmap_threshold: int = 65536,
+    repeats: int = 5, runs: int = 5, timeout: float = 600.0, mmap_threshold: int = 65536, trim_heap: bool = True,
 ) -> Measurement:
     """The clean method: peak RSS growth of one onnxruntime run in a child process, plus the input bytes.
 
     The child runs ``threads`` intra-op threads (1: no per-thread buffers), the CPU arena off (or
     on, a fresh session per sample) and memory patterns off, with ``MALLOC_MMAP_THRESHOLD_=65536``
-    so every freed tensor goes back to the OS at once; after two warm-up runs it resets the peak-RSS
-    counter (``/proc/self/clear_refs``) before each of ``repeats`` measured runs. ``peak_bytes`` is the
+    so every freed tensor goes back to the OS at once; after two warm-up runs it hands the heap's free
+    pages back (``malloc_trim``, unless ``trim_heap`` is False: then blocks under the threshold reuse
+    pages RSS growth cannot see) and resets the peak-RSS counter (``/proc/self/clear_refs``) before
+    each of ``repeats`` measured runs. ``peak_bytes`` is the
     median, ``samples`` all of them. ``runs`` more runs give the median latency.
 
     Example:
@@ -399,12 +419,13 @@ def measure_onnxruntime(
     """
     backend = "onnxruntime, arena" if arena else "onnxruntime, no arena"
     doc = _run_child(path, input_shapes, arena=arena, threads=threads, repeats=max(1, repeats), runs=runs,
-                     timeout=timeout, mmap_threshold=mmap_threshold)
-    input_bytes = sum(4 * _numel(s) for s in input_shapes)
+                     timeout=timeout, mmap_threshold=mmap_threshold, trim_heap=trim_heap)
+    input_bytes = doc["input_bytes"]
     samples = tuple(sorted(s + input_bytes for s in doc["samples"]))
+    trimmed = ", heap trimmed" if trim_heap else ""
     method = (f"child process, {threads} thread(s), arena {'on' if arena else 'off'}, memory patterns off, "
-              f"MALLOC_MMAP_THRESHOLD_={mmap_threshold}; VmHWM - VmRSS over one run after 2 warm-ups, median of "
-              f"{len(samples)} + input") + ("" if doc["reset"] else " (peak RSS could not be reset)")
+              f"MALLOC_MMAP_THRESHOLD_={mmap_threshold}{trimmed}; VmHWM - VmRSS over one run after 2 warm-ups, "
+              f"median of {len(samples)} + input") + ("" if doc["reset"] else " (peak RSS could not be reset)")
     return Measurement(backend, samples[len(samples) // 2], method, NOTES[backend], latency_ms=doc["latency_ms"],
                        samples=samples)
 

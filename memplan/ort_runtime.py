@@ -18,6 +18,10 @@ idealised runtime:
   *known* shape; otherwise the most recently freed buffer of exactly the same shape and element
   size is reused, else a new one is allocated. Binary element-wise ops
   (Add, Mul, ...) and BatchNormalization declare no in-place at all in onnxruntime's CPU kernels.
+- **Kernel scratch** (:data:`SCRATCH`): the temporary buffers a kernel allocates while it runs and
+  frees before it returns, from onnxruntime's kernel sources: ``QLinearConv``'s int32 accumulator,
+  im2col copy or indirection buffer, depending on whether MLAS's symmetric int8 kernel for this CPU
+  takes the conv (:func:`conv_sym_dispatch`).
 - **Frees**: a buffer is released after the last node, in execution order, that reads any value
   placed in it. A freed buffer that the planner hands to a later tensor therefore stays allocated
   from its first to its last user (this is why onnxruntime can need more than the liveness bound).
@@ -56,6 +60,8 @@ from memplan.liveness import Lifetime
 
 RUNTIMES = ("ort", "ort-arena")
 
+# onnx AttributeProto types a kernel's memory depends on: INT, FLOAT, STRING, INTS, FLOATS
+_PLAIN_ATTRIBUTES = (1, 2, 3, 6, 7)
 # Element sizes of the type names onnxruntime's profiler writes in ``output_type_shape``.
 _TYPE_BYTES = {"float": 4, "float16": 2, "bfloat16": 2, "double": 8, "int64": 8, "int32": 4, "int16": 2, "int8": 1,
                "uint64": 8, "uint32": 4, "uint16": 2, "uint8": 1, "bool": 1}
@@ -96,6 +102,131 @@ def kernel_io(domain: str, op_type: str) -> KernelIO:
     return KERNELS.get(("" if domain == "ai.onnx" else domain, op_type), KernelIO())
 
 
+# --------------------------------------------------------------------------- kernel scratch
+@dataclass(frozen=True)
+class ConvSymDispatch:
+    """MLAS's symmetric int8 convolution kernel for this CPU (``mlas/lib/convsym.cpp``,
+    ``MLAS_CONV_SYM_DISPATCH``): the channel alignments that decide whether a QLinearConv takes it."""
+
+    input_channel_alignment: int
+    output_channel_alignment: int
+    output_channel_pack: int
+    arm64: bool = False  # ARM64 also skips pointwise convs and convs with under 64 input channels
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.split(":")[0].strip() in ("flags", "Features")), "")
+    return set(line.partition(":")[2].split())
+
+
+def conv_sym_dispatch(signed: bool, machine: str | None = None, flags: set[str] | None = None
+                      ) -> ConvSymDispatch | None:
+    """The dispatch MLAS's platform init picks (``mlas/lib/platform.cpp``) for uint8 (``signed=False``) or
+    int8 activations; None where there is none (x86 without AVX2; int8 activations on x86).
+
+    Example:
+        >>> conv_sym_dispatch(False, "x86_64", {"avx2"}).output_channel_alignment
+        8
+        >>> conv_sym_dispatch(False, "x86_64", {"avx2", "avx512f", "avx512bw", "avx512dq", "avx512vl"}).output_channel_alignment
+        4
+        >>> conv_sym_dispatch(True, "x86_64", {"avx2"}) is None
+        True
+    """
+    import platform
+
+    machine = (machine or platform.machine()).lower()
+    flags = _cpu_flags() if flags is None else flags
+    if machine in ("x86_64", "amd64"):
+        if signed or "avx2" not in flags:
+            return None
+        if {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags:  # Avx512Core / Avx512Vnni
+            return ConvSymDispatch(4, 4, 16)
+        return ConvSymDispatch(4, 8, 16)  # Avx2 / AvxVnni
+    if machine in ("aarch64", "arm64"):
+        if "asimddp" in flags:  # the dot-product kernels
+            return ConvSymDispatch(4, 16, 16, arm64=True)
+        return ConvSymDispatch(8, 8, 8, arm64=True)
+    return None
+
+
+def _ints(node: OrtNode, name: str, rank: int, default: int) -> list[int]:
+    v = node.attributes.get(name)
+    return [int(x) for x in v] if v else [default] * rank
+
+
+def _qlinearconv_scratch(node: OrtNode, g: OrtGraph) -> list[tuple[str, int]]:
+    """The temporary buffers of onnxruntime's ``QLinearConv`` kernel (``qlinearconv.cc``), in the order
+    ``Compute`` allocates them; each lives while the kernel runs.
+
+    A conv takes MLAS's symmetric path (``TryConvSymPrepack``) when its weights are int8 with all-zero
+    zero points, the input zero point is a constant and the CPU's dispatch accepts the channels
+    (:func:`conv_sym_dispatch`): requantization is then fused and only an indirection buffer (one
+    pointer per kernel tap and output pixel) is needed unless the conv is pointwise, stride 1, no
+    padding. Otherwise the kernel keeps an int32 accumulator of the whole output, plus an im2col copy
+    (a depthwise conv: the indirection buffer) unless pointwise; a channels-first conv also copies
+    its input and output to channels-last.
+    """
+    x, w = node.inputs[0], node.inputs[3]
+    wc = g.constants.get(w)
+    xshape = g.shapes.get(x)
+    yshape = g.shapes.get(node.outputs[0])
+    if wc is None or not xshape or not yshape or len(wc.dims) < 3:
+        return []
+    act = 1  # uint8 / int8 activations
+    channels_last = bool(node.attributes.get("channels_last", 0)) and node.domain == "com.microsoft"
+    rank = len(wc.dims) - 2
+    c = xshape[-1] if channels_last else xshape[1]
+    spatial_in = xshape[1:-1] if channels_last else xshape[2:]
+    spatial_out = yshape[1:-1] if channels_last else yshape[2:]
+    m, cg = wc.dims[0], wc.dims[1]
+    kernel = _numel(wc.dims[2:])
+    group = int(node.attributes.get("group", 1))
+    mg = m // group
+    in_image, out_image = _numel(spatial_in), _numel(spatial_out)
+    xzp = g.constants.get(node.inputs[2]) if len(node.inputs) > 2 else None
+    wzp = g.constants.get(node.inputs[5]) if len(node.inputs) > 5 else None
+    symmetric = False
+    dispatch = conv_sym_dispatch(g.dtypes.get(x) == "int8")
+    if (dispatch is not None and wc.dtype == "int8" and xzp is not None and xzp.values is not None
+            and len(xzp.values) == 1 and wzp is not None and wzp.values is not None and not any(wzp.values)):
+        if group > 1:
+            symmetric = cg == 1 and mg == 1 and group % (8 if dispatch.arm64 else 16) == 0
+        else:
+            symmetric = (not (dispatch.arm64 and (kernel <= 1 or c < 64)) and m >= dispatch.output_channel_pack
+                         and c % dispatch.input_channel_alignment == 0 and m % dispatch.output_channel_alignment == 0)
+    overrun = 30 if dispatch is not None and dispatch.arm64 else 0  # MLAS_SYMM_QGEMM_BUF_OVERRUN
+    depthwise = cg == 1 and mg == 1
+    blocks: list[tuple[str, int]] = []
+    if not symmetric:
+        blocks.append(("int32 accumulator", 4 * m * out_image))
+    if not channels_last:
+        blocks += [("channels-last input", act * (c * in_image + overrun)), ("channels-last output", act * m * out_image)]
+    pointwise = (kernel == 1 and all(v == 1 for v in _ints(node, "strides", rank, 1))
+                 and all(v == 0 for v in _ints(node, "pads", 2 * rank, 0)))
+    if depthwise or (not pointwise and symmetric):
+        blocks.append(("indirection buffer", 8 * kernel * out_image))
+    elif not pointwise:
+        blocks.append(("im2col", act * ((group if rank > 2 else 1) * cg * kernel * out_image + overrun)))
+    return [(label, n) for label, n in blocks if n > 0]
+
+
+# (domain, op type) -> the temporary buffers its kernel allocates while it runs: (label, bytes) in order
+SCRATCH: dict[tuple[str, str], Any] = {
+    ("", "QLinearConv"): _qlinearconv_scratch,
+    ("com.microsoft", "QLinearConv"): _qlinearconv_scratch,
+}
+
+
+def kernel_scratch(node: OrtNode, g: OrtGraph) -> list[tuple[str, int]]:
+    """The temporary buffers ``node``'s kernel allocates while it runs (:data:`SCRATCH`; none if unlisted)."""
+    handler = SCRATCH.get(("" if node.domain == "ai.onnx" else node.domain, node.op_type))
+    return handler(node, g) if handler is not None else []
+
+
 @dataclass(frozen=True)
 class OrtNode:
     """One node of the optimized graph, in onnxruntime's execution order."""
@@ -105,6 +236,17 @@ class OrtNode:
     op_type: str
     inputs: tuple[str, ...]  # "" = an omitted optional input
     outputs: tuple[str, ...]
+    attributes: dict[str, Any] = field(default_factory=dict)  # int / float / str / list attributes
+
+
+@dataclass(frozen=True)
+class Constant:
+    """An initializer as a kernel sees it at session creation: element type, dims, and its values
+    when it is small (zero points, scales; ``None`` for weights)."""
+
+    dtype: str  # numpy name: "int8", "uint8", "float32", ...
+    dims: tuple[int, ...]
+    values: tuple[float, ...] | None = None
 
 
 @dataclass
@@ -121,6 +263,8 @@ class OrtGraph:
     name: str = ""
     input_shapes: list[tuple[int, ...]] = field(default_factory=list)
     param_bytes: int = 0
+    constants: dict[str, Constant] = field(default_factory=dict)  # initializers: dtype, dims, small values
+    dtypes: dict[str, str] = field(default_factory=dict)  # activation -> element type ("float", "uint8", ...)
 
 
 @dataclass(frozen=True)
@@ -131,7 +275,7 @@ class OrtBuffer:
     tensor: str
     nbytes: int
     shape: tuple[int, ...]
-    kind: str  # "allocate" (planned) or "output" (a graph output, never freed during the run)
+    kind: str  # "allocate" (planned), "output" (a graph output, never freed) or "scratch" (a kernel's temporary)
     alloc_step: int
     free_step: int
     tensors: tuple[str, ...]
@@ -172,10 +316,12 @@ class OrtPlan:
         return sorted((b for b in self.buffers if b.alloc_step <= step <= b.free_step), key=lambda b: -b.nbytes)
 
     def events(self) -> list[tuple[int, str, OrtBuffer]]:
-        """(step, "alloc" | "free", buffer) in the order onnxruntime issues them: a node's outputs are
-        allocated while it runs, its dead buffers freed after it."""
+        """(step, "alloc" | "free", buffer) in the order onnxruntime issues them: a node's outputs and
+        then its kernel's scratch are allocated while it runs, the scratch freed when the kernel
+        returns, its dead buffers after it."""
         ev = [(b.alloc_step, 0, i, "alloc", b) for i, b in enumerate(self.buffers)]
-        ev += [(b.free_step, 1, i, "free", b) for i, b in enumerate(self.buffers) if b.kind != "output"]
+        ev += [(b.free_step, 1 if b.kind == "scratch" else 2, i, "free", b) for i, b in enumerate(self.buffers)
+               if b.kind != "output"]
         return [(s, kind, b) for s, _, _, kind, b in sorted(ev, key=lambda e: e[:3])]
 
 
@@ -281,6 +427,7 @@ def _graph_from(optimized: Any, original: Any, profile: list[dict[str, Any]], *,
     order: list[str] = []
     shapes: dict[str, tuple[int, ...]] = {}
     nbytes: dict[str, int] = {}
+    dtypes: dict[str, str] = {}
     # nodes onnxruntime creates itself (inlined functions) may have no name: the profile calls them
     # "<op>_<node index>", an index the saved file does not keep, so they are matched by op type to the first such node whose inputs are all computed
     unnamed = [n for n in graph.node if not n.name]
@@ -302,6 +449,7 @@ def _graph_from(optimized: Any, original: Any, profile: list[dict[str, Any]], *,
             ((tname, dims),) = ts.items()
             shapes[t] = tuple(int(d) for d in dims)
             nbytes[t] = _TYPE_BYTES.get(tname, 4) * _numel(shapes[t])
+            dtypes[t] = {"float": "float32", "double": "float64"}.get(tname, tname)
     missing = [n.name for n in graph.node if n.name not in set(order)]
     if missing:
         raise MemplanError(f"onnxruntime's profile has no execution record for node(s) {missing[:3]} of {name}")
@@ -311,18 +459,38 @@ def _graph_from(optimized: Any, original: Any, profile: list[dict[str, Any]], *,
     for i in inputs:
         tt = i.type.tensor_type
         shapes[i.name] = tuple(d.dim_value for d in tt.shape.dim)
-        nbytes[i.name] = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).itemsize * _numel(shapes[i.name])
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
+        nbytes[i.name] = dtype.itemsize * _numel(shapes[i.name])
+        dtypes[i.name] = dtype.name
         input_shapes.append(shapes[i.name])
     # the planner compares NodeArg shapes; onnxruntime's graph carries them for every static-shaped
     # tensor, its NCHWc outputs included (the saved file just leaves those out of value_info)
     planner = {t: (s, nbytes[t] // max(_numel(s), 1)) for t, s in shapes.items() if _numel(s)}
-    nodes = [OrtNode(n, by_name[n].domain, by_name[n].op_type, tuple(by_name[n].input), tuple(by_name[n].output))
+    nodes = [OrtNode(n, by_name[n].domain, by_name[n].op_type, tuple(by_name[n].input), tuple(by_name[n].output),
+                     {a.name: onnx.helper.get_attribute_value(a) for a in by_name[n].attribute
+                      if a.type in _PLAIN_ATTRIBUTES})
              for n in order]
+    constants = {t.name: _constant(t) for t in graph.initializer}
     param_bytes = sum(onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize * _numel(t.dims)
                       for t in graph.initializer)
     return OrtGraph(nodes=nodes, nbytes=nbytes, shapes=shapes, planner_shapes=planner,
                     inputs=[i.name for i in inputs], outputs=[o.name for o in graph.output], initializers=inits,
-                    name=name or original.graph.name, input_shapes=input_shapes, param_bytes=param_bytes)
+                    name=name or original.graph.name, input_shapes=input_shapes, param_bytes=param_bytes,
+                    constants=constants, dtypes=dtypes)
+
+
+_SMALL_CONSTANT = 1024  # elements: zero points and scales are read, weights are not
+
+
+def _constant(t: Any) -> Constant:
+    import onnx
+    from onnx import numpy_helper
+
+    dims = tuple(int(d) for d in t.dims)
+    values = None
+    if _numel(dims) <= _SMALL_CONSTANT and t.data_location != onnx.TensorProto.EXTERNAL:
+        values = tuple(float(v) for v in numpy_helper.to_array(t).reshape(-1))
+    return Constant(onnx.helper.tensor_dtype_to_np_dtype(t.data_type).name, dims, values)
 
 
 def _numel(shape: Sequence[int]) -> int:
@@ -421,9 +589,16 @@ def _release_plan(g: OrtGraph, buffer_of: dict[str, str], reuse: dict[str, str])
     for t, base in buffer_of.items():
         if base in members:
             members[base].append(t)
-    buffers = [OrtBuffer(tensor=t, nbytes=g.nbytes.get(t, 0), shape=g.shapes.get(t, ()), kind=reuse[t],
-                         alloc_step=step_of[t], free_step=last if free_step[t] is None else free_step[t],
-                         tensors=tuple(members[t]), producer=producer[t]) for t in owners]
+    owned: dict[int, list[str]] = {}
+    for t in owners:
+        owned.setdefault(step_of[t], []).append(t)
+    buffers = []
+    for i, n in enumerate(g.nodes):  # a node's outputs, then the temporary buffers its kernel allocates
+        buffers += [OrtBuffer(tensor=t, nbytes=g.nbytes.get(t, 0), shape=g.shapes.get(t, ()), kind=reuse[t],
+                              alloc_step=i, free_step=last if free_step[t] is None else free_step[t],
+                              tensors=tuple(members[t]), producer=producer[t]) for t in owned.get(i, [])]
+        buffers += [OrtBuffer(tensor=f"{n.name} ({label})", nbytes=nb, shape=(), kind="scratch", alloc_step=i,
+                              free_step=i, tensors=(), producer=n.name) for label, nb in kernel_scratch(n, g)]
     diff = [0] * (len(g.nodes) + 1)
     for b in buffers:
         diff[b.alloc_step] += b.nbytes

@@ -175,3 +175,51 @@ def test_red_export_form_is_the_same_function_and_smaller(tmp_path):
     export_onnx(form, x, tmp_path / "b.onnx", random_samples=1)
     whole, chunked = predict_ort(tmp_path / "a.onnx").peak_bytes, predict_ort(tmp_path / "b.onnx").peak_bytes
     assert chunked < 0.8 * whole, (whole, chunked)
+
+
+def _qlinearconv(tmp_path, c, m, k, *, group=1, w_dtype=TensorProto.INT8, w_zero=0, side=64):
+    """x (uint8, 1 x c x side x side: every tensor >= the trace's 4 KiB) -> one QLinearConv (k x k, 'same' padding) -> y (uint8)."""
+    import numpy as np
+
+    w = (np.arange(m * (c // group) * k * k) % 7 - 3 + (w_zero if w_dtype == TensorProto.UINT8 else 0))
+    inits = [helper.make_tensor("w", w_dtype, [m, c // group, k, k], w.tolist()),
+             helper.make_tensor("xs", TensorProto.FLOAT, [], [0.02]),
+             helper.make_tensor("xz", TensorProto.UINT8, [], [128]),
+             helper.make_tensor("ws", TensorProto.FLOAT, [m], [0.01] * m),
+             helper.make_tensor("wz", w_dtype, [m], [w_zero] * m),
+             helper.make_tensor("ys", TensorProto.FLOAT, [], [0.05]),
+             helper.make_tensor("yz", TensorProto.UINT8, [], [128])]
+    node = helper.make_node("QLinearConv", ["x", "xs", "xz", "w", "ws", "wz", "ys", "yz"], ["y"], name="conv",
+                            kernel_shape=[k, k], pads=[k // 2] * 4, group=group)
+    graph = helper.make_graph([node], "q", [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, c, side, side])],
+                              [helper.make_tensor_value_info("y", TensorProto.UINT8, [1, m, side, side])],
+                              initializer=inits)
+    path = tmp_path / f"q{c}_{m}_{k}_{group}_{w_dtype}.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_qlinearconv_scratch_follows_the_kernel_path(tmp_path):
+    from memplan.ort_runtime import conv_sym_dispatch
+
+    sym = conv_sym_dispatch(False) is not None  # MLAS's symmetric uint8 x int8 kernel on this CPU
+    pixels, int32_acc = 64 * 64, 4 * 16 * 64 * 64  # the accumulator of a 16-channel 64x64 output
+    cases = [  # (c, m, k, group, weight type, weight zero point) -> temporary buffers, in allocation order
+        ((3, 16, 3, 1, TensorProto.INT8, 0), [("int32 accumulator", int32_acc), ("im2col", 3 * 9 * pixels)]),
+        ((16, 16, 3, 1, TensorProto.INT8, 0), [("indirection buffer", 8 * 9 * pixels)] if sym else
+         [("int32 accumulator", int32_acc), ("im2col", 16 * 9 * pixels)]),
+        ((16, 16, 3, 16, TensorProto.INT8, 0), [] if sym else [("int32 accumulator", int32_acc)]),
+        ((16, 16, 1, 1, TensorProto.INT8, 0), [] if sym else [("int32 accumulator", int32_acc)]),
+        ((16, 16, 3, 1, TensorProto.UINT8, 128), [("int32 accumulator", int32_acc), ("im2col", 16 * 9 * pixels)]),
+    ]
+    cases[2][1].append(("indirection buffer", 8 * 9 * pixels))  # a depthwise conv always has one
+    for (c, m, k, group, wt, wz), expected in cases:
+        path = _qlinearconv(tmp_path, c, m, k, group=group, w_dtype=wt, w_zero=wz)
+        p = predict_ort(path)
+        scratch = [(b.tensor.rpartition("(")[2][:-1], b.nbytes) for b in p.buffers if b.kind == "scratch"]
+        assert scratch == expected, (c, m, k, group, wt)
+        trace = trace_onnxruntime(path, [(1, c, 64, 64)])
+        if trace is not None:  # onnxruntime allocated exactly these blocks (>= 4 KiB), and nothing else
+            cmp = compare_trace(p, trace)
+            assert cmp.extra_allocations == [] and cmp.missing_buffers == [], (c, m, k, group, wt, cmp.format())
+            assert cmp.traced_peak_bytes == p.peak_bytes

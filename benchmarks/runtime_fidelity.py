@@ -265,8 +265,9 @@ def main() -> None:
           f"the 4 KiB threshold, {worst_trace:.1f}% against the allocator trace (target 10%, goal 5%)")
     print("error = (predicted - measured) / "
           "measured; measured = onnxruntime, clean method (MALLOC_MMAP_THRESHOLD_=65536), median of 5, input "
-          "included; meas. 4K = the same with MALLOC_MMAP_THRESHOLD_=4096 (tensors of 4-64 KiB also leave RSS "
-          "when freed; at 65536 they live in heap pages kept from the warm-ups, which RSS growth cannot see); "
+          "included, the heap's free pages trimmed before each run; meas. 4K = the same with "
+          "MALLOC_MMAP_THRESHOLD_=4096 (tensors of 4-64 KiB get pages of their own too; at 65536 they share "
+          "glibc's heap, whose fragmentation can touch more pages than are live at once); "
           "traced = peak of onnxruntime's heap blocks >= 4 KiB (allocator hook) + input.")
     teacher = {(r["model"], r["size"]): r for r in rows}
     for r in rows:

@@ -32,7 +32,7 @@ import numpy as np
 from memplan.errors import MemplanError, describe_error
 from memplan.io import check_destination, publish
 
-__all__ = ["QuantizeResult", "quantize_onnx"]
+__all__ = ["QuantizeResult", "quantize_onnx", "restore_order"]
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,56 @@ def _outputs(path: str, samples: np.ndarray) -> np.ndarray:
     session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     return np.concatenate([session.run(None, feed)[0].reshape(1, -1) for feed in _batches(samples, name)])
+
+
+def restore_order(quantized: Any, source: Any) -> None:
+    """Put the nodes of ``quantized`` (an onnx ModelProto, in place) back in the order of its fp32
+    ``source``: onnxruntime's pre-processing saves its own topological order, which interleaves
+    independent branches (a patched model's patches run breadth-first, all live at once).
+
+    Each node that kept its source name takes the source's position; a QuantizeLinear follows its
+    producer, a DequantizeLinear (and anything else new) precedes its first consumer. A stable
+    topological sort on those keys gives the new order.
+    """
+    import heapq
+
+    nodes = list(quantized.graph.node)
+    position = {n.name: float(i) for i, n in enumerate(source.graph.node) if n.name}
+    producer = {t: k for k, n in enumerate(nodes) for t in n.output if t}
+    consumers: dict[int, list[int]] = {k: [] for k in range(len(nodes))}
+    indegree = [0] * len(nodes)
+    for k, n in enumerate(nodes):
+        for t in {t for t in n.input if t in producer}:
+            consumers[producer[t]].append(k)
+            indegree[k] += 1
+    key: dict[int, float] = {k: position[n.name] for k, n in enumerate(nodes) if n.name in position}
+
+    def find(k: int, seen: frozenset = frozenset()) -> float:
+        if k in key:
+            return key[k]
+        n = nodes[k]
+        ups = [producer[t] for t in n.input if t in producer and producer[t] not in seen]
+        if n.op_type == "QuantizeLinear" and ups:
+            key[k] = find(ups[0], seen | {k}) + 0.5
+        else:
+            downs = [c for c in consumers[k] if c not in seen]
+            key[k] = min((find(c, seen | {k}) for c in downs), default=float(len(source.graph.node))) - 0.5
+        return key[k]
+
+    ready = [(find(k), k) for k in range(len(nodes)) if indegree[k] == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        _, k = heapq.heappop(ready)
+        order.append(k)
+        for c in consumers[k]:
+            indegree[c] -= 1
+            if indegree[c] == 0:
+                heapq.heappush(ready, (find(c), c))
+    if len(order) != len(nodes):
+        return  # not a DAG as read (subgraphs): keep onnxruntime's order
+    del quantized.graph.node[:]
+    quantized.graph.node.extend(nodes[k] for k in order)
 
 
 def quantize_onnx(fp32_path: str | Path, out_path: str | Path, calibration: np.ndarray, check: np.ndarray,
@@ -122,6 +172,9 @@ def quantize_onnx(fp32_path: str | Path, out_path: str | Path, calibration: np.n
             raise
         except Exception as e:  # noqa: BLE001 - onnxruntime's tools raise anything
             raise MemplanError(f"onnxruntime could not quantize '{fp32_path}': {describe_error(e)}") from None
+        model = onnx.load(str(quantized))
+        restore_order(model, onnx.load(str(fp32_path), load_external_data=False))
+        onnx.save(model, str(quantized))
         ref, got = _outputs(str(fp32_path), check.astype(np.float32)), _outputs(str(quantized), check.astype(np.float32))
         diff = float(np.abs(ref - got).max())
         scale = float(np.abs(ref).max()) or 1.0

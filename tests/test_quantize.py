@@ -41,3 +41,32 @@ def test_int8_errors_are_one_line(tmp_path, capsys, extra, match):
     err = capsys.readouterr().err.strip()
     assert match in err and "\n" not in err
     assert not list(tmp_path.iterdir())
+
+
+def test_quantized_patched_model_keeps_its_patch_at_a_time_order(tmp_path):
+    # onnxruntime's pre-processing saves its own topological order, which runs a patched model's
+    # patches breadth-first (every patch live at once); quantize_onnx puts the source order back
+    import numpy as np
+    import torch
+    from torch import nn
+
+    from memplan.commands.patch import export_patched
+    from memplan.onnx_ort import analyze_onnx_file
+    from memplan.quantize import quantize_onnx
+    from passes.patch import patch_model
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                        nn.MaxPool2d(4), nn.Conv2d(16, 8, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+    shape = (1, 3, 64, 64)
+    plan = patch_model(net, shape, grid=(4, 1), split_node="_4", verify=1).plan
+    fp32, int8 = tmp_path / "patched.onnx", tmp_path / "patched_int8.onnx"
+    export_patched(net, plan, fp32, tolerance=1e-3)
+    calib = np.random.default_rng(0).standard_normal((6, 3, 64, 64)).astype(np.float32)
+    quantize_onnx(fp32, int8, calib[:4], calib[4:])
+    convs = lambda p: [n.name for n in onnx.load(str(p)).graph.node if n.op_type == "Conv"]  # noqa: E731
+    assert convs(int8) == convs(fp32)
+    # then the int8 file runs one patch at a time too: its activations about a quarter of the fp32 file's
+    fp32_peak, int8_peak = analyze_onnx_file(fp32).peak_bytes, analyze_onnx_file(int8).peak_bytes
+    input_bytes = 3 * 64 * 64 * 4  # the float input, resident
+    assert (int8_peak - input_bytes) * 4 <= (fp32_peak - input_bytes) * 1.05, (fp32_peak, int8_peak)

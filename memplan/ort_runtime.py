@@ -172,6 +172,9 @@ def _qlinearconv_scratch(node: OrtNode, g: OrtGraph) -> list[tuple[str, int]]:
     """
     x, w = node.inputs[0], node.inputs[3]
     wc = g.constants.get(w)
+    dynamic = wc is None  # weights computed at run time: reordered into a temporary, no symmetric packing
+    if dynamic and g.shapes.get(w):
+        wc = Constant(g.dtypes.get(w, "uint8"), tuple(g.shapes[w]))
     xshape = g.shapes.get(x)
     yshape = g.shapes.get(node.outputs[0])
     if wc is None or not xshape or not yshape or len(wc.dims) < 3:
@@ -191,7 +194,7 @@ def _qlinearconv_scratch(node: OrtNode, g: OrtGraph) -> list[tuple[str, int]]:
     wzp = g.constants.get(node.inputs[5]) if len(node.inputs) > 5 else None
     symmetric = False
     dispatch = conv_sym_dispatch(g.dtypes.get(x) == "int8")
-    if (dispatch is not None and wc.dtype == "int8" and xzp is not None and xzp.values is not None
+    if (not dynamic and dispatch is not None and wc.dtype == "int8" and xzp is not None and xzp.values is not None
             and len(xzp.values) == 1 and wzp is not None and wzp.values is not None and not any(wzp.values)):
         if group > 1:
             symmetric = cg == 1 and mg == 1 and group % (8 if dispatch.arm64 else 16) == 0
@@ -200,7 +203,7 @@ def _qlinearconv_scratch(node: OrtNode, g: OrtGraph) -> list[tuple[str, int]]:
                          and c % dispatch.input_channel_alignment == 0 and m % dispatch.output_channel_alignment == 0)
     overrun = 30 if dispatch is not None and dispatch.arm64 else 0  # MLAS_SYMM_QGEMM_BUF_OVERRUN
     depthwise = cg == 1 and mg == 1
-    blocks: list[tuple[str, int]] = []
+    blocks: list[tuple[str, int]] = [("reordered weights", _numel(wc.dims))] if dynamic else []
     if not symmetric:
         blocks.append(("int32 accumulator", 4 * m * out_image))
     if not channels_last:
@@ -214,10 +217,27 @@ def _qlinearconv_scratch(node: OrtNode, g: OrtGraph) -> list[tuple[str, int]]:
     return [(label, n) for label, n in blocks if n > 0]
 
 
+def _convinteger_scratch(node: OrtNode, g: OrtGraph) -> list[tuple[str, int]]:
+    """``ConvInteger`` (``conv_integer.cc``, dynamic quantization): one group's uint8 im2col unless the
+    conv is pointwise, stride 1, no padding; it writes int32 straight into its output."""
+    xshape, wshape = g.shapes.get(node.inputs[0]), g.shapes.get(node.inputs[1])
+    wdims = g.constants[node.inputs[1]].dims if node.inputs[1] in g.constants else wshape
+    yshape = g.shapes.get(node.outputs[0])
+    if not xshape or not wdims or not yshape or len(wdims) < 3:
+        return []
+    rank = len(wdims) - 2
+    kernel = _numel(wdims[2:])
+    if (kernel == 1 and all(v == 1 for v in _ints(node, "strides", rank, 1))
+            and all(v == 0 for v in _ints(node, "pads", 2 * rank, 0))):
+        return []
+    return [("im2col", wdims[1] * kernel * _numel(yshape[2:]))]
+
+
 # (domain, op type) -> the temporary buffers its kernel allocates while it runs: (label, bytes) in order
 SCRATCH: dict[tuple[str, str], Any] = {
     ("", "QLinearConv"): _qlinearconv_scratch,
     ("com.microsoft", "QLinearConv"): _qlinearconv_scratch,
+    ("", "ConvInteger"): _convinteger_scratch,
 }
 
 

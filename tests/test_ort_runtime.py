@@ -223,3 +223,20 @@ def test_qlinearconv_scratch_follows_the_kernel_path(tmp_path):
             cmp = compare_trace(p, trace)
             assert cmp.extra_allocations == [] and cmp.missing_buffers == [], (c, m, k, group, wt, cmp.format())
             assert cmp.traced_peak_bytes == p.peak_bytes
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_convinteger_scratch_is_one_im2col(tmp_path, k):
+    # dynamic quantization's ConvInteger: a uint8 im2col (16 channels x k*k taps x 64*64 pixels) unless pointwise
+    w = helper.make_tensor("w", TensorProto.UINT8, [16, 16, k, k], [(i % 5) + 126 for i in range(16 * 16 * k * k)])
+    node = helper.make_node("ConvInteger", ["x", "w"], ["y"], name="conv", kernel_shape=[k, k], pads=[k // 2] * 4)
+    graph = helper.make_graph([node], "ci", [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, 16, 64, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.INT32, [1, 16, 64, 64])], initializer=[w])
+    path = tmp_path / "ci.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    p = predict_ort(path)
+    assert [b.nbytes for b in p.buffers if b.kind == "scratch"] == ([16 * 9 * 64 * 64] if k == 3 else [])
+    trace = trace_onnxruntime(path, [(1, 16, 64, 64)])
+    if trace is not None:
+        cmp = compare_trace(p, trace)
+        assert cmp.extra_allocations == [] and cmp.missing_buffers == [], cmp.format()

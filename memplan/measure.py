@@ -59,7 +59,8 @@ NOTES = {
     "torch CUDA": "caching allocator rounds blocks up to 512 B; cuDNN workspaces count; as-written graph",
     "onnxruntime, no arena": "what '--runtime ort' predicts: onnxruntime's optimized graph (fusions; on x86 the "
                              "NCHWc layout, channels padded to the block size, reorder copies) in its own order, "
-                             "its in-place kernels and planner frees; RSS adds 4 KiB pages and untouched tails",
+                             "its in-place kernels, their scratch (int8 conv accumulators, im2col) and planner frees; "
+                             "RSS adds 4 KiB pages, untouched tails and the heap's fragmentation under 64 KiB",
     "onnxruntime, arena": "as above through the BFC arena ('--runtime ort-arena'): power-of-two regions it keeps; "
                           "RSS counts only the pages a run touches",
 }

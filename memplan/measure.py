@@ -63,6 +63,9 @@ NOTES = {
                              "RSS adds 4 KiB pages, untouched tails and the heap's fragmentation under 64 KiB",
     "onnxruntime, arena": "as above through the BFC arena ('--runtime ort-arena'): power-of-two regions it keeps; "
                           "RSS counts only the pages a run touches",
+    "onnxruntime, no reuse": "arena off and SessionOptions.enable_mem_reuse = False ('--runtime ort-noreuse'): no "
+                             "freed buffer is handed to a later tensor, so none stays allocated between its users "
+                             "(a patched model's patches are then freed one by one); more, smaller heap blocks",
 }
 
 
@@ -206,7 +209,7 @@ import numpy as np
 import onnxruntime as ort
 
 path, arena, threads, repeats, runs = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-shapes, trace, trim_heap = json.loads(sys.argv[6]), sys.argv[7], sys.argv[8] == "1"
+shapes, trace, trim_heap, mem_reuse = json.loads(sys.argv[6]), sys.argv[7], sys.argv[8] == "1", sys.argv[9] == "1"
 
 def status(key):
     with open("/proc/self/status") as f:
@@ -227,6 +230,7 @@ def session():
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
+    so.enable_mem_reuse = mem_reuse
     return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 
 def trim():  # hand the heap's free pages back, so a run that needs them again is seen touching them
@@ -344,12 +348,13 @@ class AllocTrace:
 
 def _run_child(path: str | Path, input_shapes: Sequence[Sequence[int]], *, arena: bool, threads: int, repeats: int,
                runs: int, timeout: float, trace: Path | None = None, preload: Path | None = None,
-               mmap_threshold: int = 65536, trim_heap: bool = True) -> dict[str, Any]:
+               mmap_threshold: int = 65536, trim_heap: bool = True, mem_reuse: bool = True) -> dict[str, Any]:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(mmap_threshold), MALLOC_TRIM_THRESHOLD_="0", OMP_NUM_THREADS="1")
     if preload is not None:
         env["LD_PRELOAD"] = str(preload)
     cmd = [sys.executable, "-c", _ORT_CHILD, str(path), "1" if arena else "0", str(threads), str(repeats), str(runs),
-           json.dumps([list(s) for s in input_shapes]), str(trace or ""), "1" if trim_heap else "0"]
+           json.dumps([list(s) for s in input_shapes]), str(trace or ""), "1" if trim_heap else "0",
+           "1" if mem_reuse else "0"]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, check=False)
     except subprocess.TimeoutExpired as e:
@@ -361,9 +366,10 @@ def _run_child(path: str | Path, input_shapes: Sequence[Sequence[int]], *, arena
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def trace_onnxruntime(path: str | Path, input_shapes: Sequence[Sequence[int]], *, timeout: float = 600.0
-                      ) -> AllocTrace | None:
-    """The allocation trace of one warm onnxruntime run (arena off, 1 thread), or None without a C compiler.
+def trace_onnxruntime(path: str | Path, input_shapes: Sequence[Sequence[int]], *, timeout: float = 600.0,
+                      mem_reuse: bool = True) -> AllocTrace | None:
+    """The allocation trace of one warm onnxruntime run (arena off, 1 thread; ``mem_reuse=False``:
+    ``SessionOptions.enable_mem_reuse`` off), or None without a C compiler.
 
     Example:
         >>> import tempfile, torch
@@ -380,7 +386,7 @@ def trace_onnxruntime(path: str | Path, input_shapes: Sequence[Sequence[int]], *
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "trace.txt"
         _run_child(path, input_shapes, arena=False, threads=1, repeats=0, runs=0, timeout=timeout, trace=log,
-                   preload=hook)
+                   preload=hook, mem_reuse=mem_reuse)
         live: dict[str, int] = {}
         events = []
         for line in log.read_text().splitlines():
@@ -396,6 +402,7 @@ def trace_onnxruntime(path: str | Path, input_shapes: Sequence[Sequence[int]], *
 def measure_onnxruntime(
     path: str | Path, input_shapes: Sequence[Sequence[int]], *, arena: bool = False, threads: int = 1,
     repeats: int = 5, runs: int = 5, timeout: float = 600.0, mmap_threshold: int = 65536, trim_heap: bool = True,
+    mem_reuse: bool = True,
 ) -> Measurement:
     """The clean method: peak RSS growth of one onnxruntime run in a child process, plus the input bytes.
 
@@ -418,9 +425,9 @@ def measure_onnxruntime(
         >>> m.backend, p.peak_bytes // 2**18, abs(m.peak_bytes / p.peak_bytes - 1) < 0.1
         ('onnxruntime, no arena', 35, True)
     """
-    backend = "onnxruntime, arena" if arena else "onnxruntime, no arena"
+    backend = "onnxruntime, arena" if arena else "onnxruntime, no arena" if mem_reuse else "onnxruntime, no reuse"
     doc = _run_child(path, input_shapes, arena=arena, threads=threads, repeats=max(1, repeats), runs=runs,
-                     timeout=timeout, mmap_threshold=mmap_threshold, trim_heap=trim_heap)
+                     timeout=timeout, mmap_threshold=mmap_threshold, trim_heap=trim_heap, mem_reuse=mem_reuse)
     input_bytes = doc["input_bytes"]
     samples = tuple(sorted(s + input_bytes for s in doc["samples"]))
     trimmed = ", heap trimmed" if trim_heap else ""
@@ -480,7 +487,7 @@ def measure(
     Example:
         >>> r = measure("zoo:resnet_tiny", runs=1, repeats=1, trace=False)
         >>> [m.backend for m in r.measured]
-        ['torch eager CPU', 'torch CUDA', 'onnxruntime, no arena', 'onnxruntime, arena']
+        ['torch eager CPU', 'torch CUDA', 'onnxruntime, no arena', 'onnxruntime, arena', 'onnxruntime, no reuse']
     """
     from memplan.analyze import analyze
     from memplan.onnx_frontend import analyze_onnx, load_onnx, set_input_dims
@@ -521,14 +528,18 @@ def measure(
         plan = predict_ort(path, [shape])
         arena = simulate_bfc_arena([(kind, id(b), b.nbytes) for _, kind, b in plan.events()])
         theory += [Estimate("predicted: --runtime ort", plan.peak_bytes),
-                   Estimate("predicted: --runtime ort-arena", arena.touched_bytes + plan.input_bytes)]
+                   Estimate("predicted: --runtime ort-arena", arena.touched_bytes + plan.input_bytes),
+                   Estimate("predicted: --runtime ort-noreuse", plan_ort(plan.graph, reuse_freed=False).peak_bytes)]
         measured += [measure_onnxruntime(path, [shape], arena=a, threads=threads, repeats=repeats, runs=runs)
                      for a in (False, True)]
+        measured.append(measure_onnxruntime(path, [shape], threads=threads, repeats=repeats, runs=runs,
+                                            mem_reuse=False))
         extra: dict[str, Any] = {}
         if trace:
             traced = trace_onnxruntime(path, [shape])
             if traced is not None:
-                extra["ort_trace"] = asdict(compare_trace(plan_ort(plan.graph), traced, measured[-2].peak_bytes))
+                no_arena = next(m for m in measured if m.backend == "onnxruntime, no arena")
+                extra["ort_trace"] = asdict(compare_trace(plan_ort(plan.graph), traced, no_arena.peak_bytes))
     return MeasureReport(model=label, input_shape=list(shape), input_bytes=4 * _numel(shape), theory=theory,
                          measured=measured, extra=extra)
 

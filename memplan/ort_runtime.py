@@ -58,7 +58,7 @@ from memplan.analyze import LiveTensor, MemoryReport, TimelineStep
 from memplan.errors import MemplanError, describe_error
 from memplan.liveness import Lifetime
 
-RUNTIMES = ("ort", "ort-arena")
+RUNTIMES = ("ort", "ort-arena", "ort-noreuse")
 
 # onnx AttributeProto types a kernel's memory depends on: INT, FLOAT, STRING, INTS, FLOATS
 _PLAIN_ATTRIBUTES = (1, 2, 3, 6, 7)
@@ -521,8 +521,10 @@ def _numel(shape: Sequence[int]) -> int:
 
 
 # --------------------------------------------------------------------------- the planner
-def plan_ort(g: OrtGraph) -> OrtPlan:
-    """Simulate onnxruntime's sequential allocation planner and its release plan over ``g``.
+def plan_ort(g: OrtGraph, *, reuse_freed: bool = True) -> OrtPlan:
+    """Simulate onnxruntime's sequential allocation planner and its release plan over ``g``
+    (``reuse_freed=False``: ``enable_mem_reuse`` off, every tensor the freelist would place gets its
+    own buffer; aliases and in-place kernels are kept).
 
     Example:
         >>> g = OrtGraph(nodes=[OrtNode("r", "", "Relu", ("x",), ("a",)), OrtNode("t", "", "Tanh", ("x",), ("b",)),
@@ -577,7 +579,7 @@ def plan_ort(g: OrtGraph) -> OrtPlan:
             if inplace is not None:
                 place(t, inplace, "inplace")
                 continue
-            if t in g.planner_shapes and g.planner_shapes[t][0]:
+            if reuse_freed and t in g.planner_shapes and g.planner_shapes[t][0]:
                 free = next((f for f in freelist if same_size(f, t)), None)
                 if free is not None:
                     freelist.remove(free)
@@ -729,13 +731,15 @@ def _round(n: int) -> int:
 def predict_ort(
     path: str | Path, input_shapes: Sequence[Sequence[int]] | None = None, *, runtime: str = "ort"
 ) -> OrtPlan:
-    """onnxruntime's plan for one CPU inference of the ONNX file ``path`` (arena off, or ``ort-arena``).
+    """onnxruntime's plan for one CPU inference of the ONNX file ``path``: arena off (``ort``), the BFC
+    arena on (``ort-arena``), or arena off with ``SessionOptions.enable_mem_reuse = False``
+    (``ort-noreuse``: no freed buffer is handed to a later tensor).
 
     ``input_shapes``: one shape per graph input (default: the file's, a symbolic batch = 1).
     """
     if runtime not in RUNTIMES:
         raise MemplanError(f"unknown runtime '{runtime}' (use {' or '.join(RUNTIMES)})")
-    plan = plan_ort(load_ort_graph(path, input_shapes))
+    plan = plan_ort(load_ort_graph(path, input_shapes), reuse_freed=runtime != "ort-noreuse")
     plan.runtime = runtime
     if runtime == "ort-arena":
         plan.arena = simulate_bfc_arena([(kind, id(b), b.nbytes) for _, kind, b in plan.events()])

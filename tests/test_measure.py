@@ -67,7 +67,8 @@ def test_cli_measure_json(tmp_path, capsys):
     assert doc["input_shape"] == [1, 1, 28, 28]
     assert doc["theory"][0] == {"label": "deploy", "peak_bytes": analyze_tiny()}
     backends = [m["backend"] for m in doc["measured"]]
-    assert backends == ["torch eager CPU", "torch CUDA", "onnxruntime, no arena", "onnxruntime, arena"]
+    assert backends == ["torch eager CPU", "torch CUDA", "onnxruntime, no arena", "onnxruntime, arena",
+                        "onnxruntime, no reuse"]
     assert all(m["peak_bytes"] > 0 for m in doc["measured"] if m["backend"] != "torch CUDA")
 
 
@@ -80,5 +81,6 @@ def analyze_tiny():
 def test_cli_measure_onnx_file(wide_onnx, capsys):
     assert main(["measure", str(wide_onnx), "--runs", "1", "--json", "-"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert [m["backend"] for m in doc["measured"]] == ["onnxruntime, no arena", "onnxruntime, arena"]
+    assert [m["backend"] for m in doc["measured"]] == ["onnxruntime, no arena", "onnxruntime, arena",
+                                                      "onnxruntime, no reuse"]
     assert doc["theory"][0]["peak_bytes"] == analyze(_wide(), SHAPE).peak_bytes

@@ -240,3 +240,25 @@ def test_convinteger_scratch_is_one_im2col(tmp_path, k):
     if trace is not None:
         cmp = compare_trace(p, trace)
         assert cmp.extra_allocations == [] and cmp.missing_buffers == [], cmp.format()
+
+
+def test_no_reuse_frees_what_the_freelist_would_keep(tmp_path):
+    # b dies at the Concat; c (b's shape) comes after two 2-map tensors. With memory reuse the freelist
+    # hands b's buffer to c, so it stays allocated through the Neg over the 2-map concat (6 maps live);
+    # with SessionOptions.enable_mem_reuse = False nothing is handed on (5 maps: x, big, big2, ...)
+    inits = [helper.make_tensor(n, TensorProto.INT64, [1], [v]) for n, v in (("s", 0), ("e", 16), ("ax", 1))]
+    path = _save(tmp_path, [("Neg", ["x"], ["a"]), ("Neg", ["a"], ["b"]), ("Concat", ["b", "b"], ["big"]),
+                            ("Neg", ["big"], ["big2"]), ("Slice", ["big2", "s", "e", "ax"], ["c"]),
+                            ("Neg", ["c"], ["y"])], inits=inits)
+    onnx_model = onnx.load(str(path))
+    onnx_model.graph.node[2].attribute.append(helper.make_attribute("axis", 1))
+    onnx.save(onnx_model, str(path))
+    reuse, fresh = predict_ort(path), predict_ort(path, runtime="ort-noreuse")
+    assert reuse.reuse["c"] == "freelist" and reuse.placement["c"] == "b"
+    assert fresh.reuse["c"] == "allocate"
+    assert (reuse.peak_bytes, fresh.peak_bytes) == (6 * MAP, 5 * MAP)
+    for plan, mem_reuse in ((reuse, True), (fresh, False)):
+        trace = trace_onnxruntime(path, [SHAPE], mem_reuse=mem_reuse)
+        if trace is not None:
+            cmp = compare_trace(plan, trace)
+            assert cmp.missing_buffers == [] and cmp.traced_peak_bytes == plan.peak_bytes, cmp.format()

@@ -8,6 +8,7 @@ from memplan.analyze import analyze, report_from_graph
 from memplan.cli import command
 from memplan.graph import DTYPES, FORMS
 from memplan.io import write_json
+from memplan.ort_runtime import RUNTIMES
 from memplan.planner import plan_arena
 from memplan.report import fmt_bytes, format_table
 from memplan.schedule import best_order
@@ -37,12 +38,13 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top", type=int, default=10, help="rows of the live-at-peak table")
     p.add_argument("--ort-optimized", action="store_true",
                    help="for FILE.onnx: analyse the graph onnxruntime runs after its fusions")
-    p.add_argument("--runtime", choices=("ort", "ort-arena"), default=None,
+    p.add_argument("--runtime", choices=RUNTIMES, default=None,
                    help="predict the peak one onnxruntime CPU inference really uses, input included (a PyTorch "
-                        "model is exported first): its optimized graph, execution order, in-place kernels and "
-                        "allocation planner; 'ort' with the arena off (what 'memplan measure' measures cleanly), "
-                        "'ort-arena' through its BFC arena (its default allocator). Use it to ask 'will it fit "
-                        "with onnxruntime'")
+                        "model is exported first): its optimized graph, execution order, in-place kernels, their "
+                        "scratch and allocation planner; 'ort' with the arena off (what 'memplan measure' "
+                        "measures cleanly), 'ort-arena' through its BFC arena (its default allocator), "
+                        "'ort-noreuse' arena off with SessionOptions.enable_mem_reuse = False (the setting that "
+                        "keeps a patched model small). Use it to ask 'will it fit with onnxruntime'")
     p.set_defaults(func=run)
 
 
@@ -74,8 +76,8 @@ def run(args: argparse.Namespace) -> int:
                          inplace_elementwise=args.inplace_elementwise, name=args.model)
     notes = []
     if args.runtime:
-        notes.append(f"runtime          onnxruntime CPU, {'BFC arena' if args.runtime == 'ort-arena' else 'arena off'}"
-                     f", 1 thread: {report.extra['placements']}")
+        setting = {"ort": "arena off", "ort-arena": "BFC arena", "ort-noreuse": "arena off, no memory reuse"}
+        notes.append(f"runtime          onnxruntime CPU, {setting[args.runtime]}, 1 thread: {report.extra['placements']}")
     elif args.order == "best":
         schedule = best_order(report.graph)
         report = report_from_graph(report.graph, order=schedule.order, param_bytes=report.param_bytes,

@@ -14,7 +14,9 @@ it: an int32 accumulator of the whole output and an im2col copy where MLAS's sym
 not take the conv, e.g. a 3-channel stem), so the measured int8 ratio is far below 4x on an
 unpatched model. Each model is therefore also patched (``passes.patch``, resident input, MAC
 overhead <= 20 %) before quantization: every patch's scratch is a patch's worth, and the
-``patched_int8`` columns compare that file with the plain fp32 one.
+``patched_int8`` columns compare that file with the plain fp32 one. Each file is also predicted
+and measured with ``SessionOptions.enable_mem_reuse = False`` (``--runtime ort-noreuse``), where
+onnxruntime's planner no longer keeps one buffer per tensor shape through the whole patch loop.
 
 Usage:
     python benchmarks/int8_memory.py [--only resnet18 ...] [--force]
@@ -40,7 +42,7 @@ from memplan.export import export_onnx
 from memplan.io import write_json
 from memplan.measure import measure_onnxruntime
 from memplan.onnx_ort import analyze_onnx_file
-from memplan.ort_runtime import analyze_runtime
+from memplan.ort_runtime import predict_ort
 from memplan.quantize import quantize_onnx
 from memplan.zoo import create_model
 from passes.patch import patch_model
@@ -48,6 +50,7 @@ from passes.patch import patch_model
 RESULTS = Path(__file__).parent / "results" / "int8_memory.json"
 MODELS = ("resnet18", "mobilenet_v2")
 SHAPE = (1, 3, 224, 224)
+KINDS = ("deploy", "predicted_ort", "measured", "predicted_noreuse", "measured_noreuse", "measured_noreuse_4k")
 
 
 def measure(name: str, tmp: Path) -> dict:
@@ -66,14 +69,21 @@ def measure(name: str, tmp: Path) -> dict:
     row: dict = {"model": name, "size": SHAPE[-1], "patch_split": plan.split_node, "patch_grid": list(plan.grid)}
     for label, path in (("fp32", fp32), ("int8", int8), ("patched_int8", patched_int8)):
         row[f"{label}_deploy_bytes"] = analyze_onnx_file(path).peak_bytes
-        row[f"{label}_predicted_ort_bytes"] = analyze_runtime(path).peak_bytes
+        row[f"{label}_predicted_ort_bytes"] = predict_ort(path).peak_bytes
         row[f"{label}_measured_bytes"] = measure_onnxruntime(path, [SHAPE], repeats=3, runs=1).peak_bytes
-    for kind in ("deploy", "predicted_ort", "measured"):
-        row[f"{kind}_ratio"] = round(row[f"fp32_{kind}_bytes"] / row[f"int8_{kind}_bytes"], 3)
-        row[f"patched_int8_{kind}_ratio"] = round(row[f"fp32_{kind}_bytes"] / row[f"patched_int8_{kind}_bytes"], 3)
+        row[f"{label}_predicted_noreuse_bytes"] = predict_ort(path, runtime="ort-noreuse").peak_bytes
+        row[f"{label}_measured_noreuse_bytes"] = measure_onnxruntime(path, [SHAPE], repeats=3, runs=1,
+                                                                     mem_reuse=False).peak_bytes
+        row[f"{label}_measured_noreuse_4k_bytes"] = measure_onnxruntime(
+            path, [SHAPE], repeats=3, runs=1, mem_reuse=False, mmap_threshold=4096).peak_bytes
+    for kind in KINDS:
+        for label in ("int8", "patched_int8"):
+            row[f"{label}_{kind}_ratio"] = round(row[f"fp32_{kind}_bytes"] / row[f"{label}_{kind}_bytes"], 3)
     for label in ("fp32", "int8", "patched_int8"):
         row[f"{label}_ort_error_pct"] = round(100 * (row[f"{label}_predicted_ort_bytes"] /
                                                      row[f"{label}_measured_bytes"] - 1), 1)
+        row[f"{label}_noreuse_error_pct"] = round(100 * (row[f"{label}_predicted_noreuse_bytes"] /
+                                                         row[f"{label}_measured_noreuse_4k_bytes"] - 1), 1)
     return row
 
 
@@ -93,17 +103,20 @@ def main() -> None:
             rows[name] = measure(name, Path(tmp))
             doc["rows"] = list(rows.values())
             write_json(doc, str(RESULTS))
-    print(f"{'model':<14} {'form':<16} {'fp32':>12} {'int8':>12} {'ratio':>7} {'patched int8':>13} {'ratio':>7}")
+    print(f"{'model':<14} {'form':<22} {'fp32':>12} {'int8':>12} {'ratio':>7} {'patched int8':>13} {'ratio':>7}")
     for r in rows.values():
-        for kind in ("deploy", "predicted_ort", "measured"):
-            print(f"{r['model']:<14} {kind:<16} {r[f'fp32_{kind}_bytes']:>12,} {r[f'int8_{kind}_bytes']:>12,} "
-                  f"{r[f'{kind}_ratio']:>6.2f}x {r[f'patched_int8_{kind}_bytes']:>13,} "
+        for kind in KINDS:
+            print(f"{r['model']:<14} {kind:<22} {r[f'fp32_{kind}_bytes']:>12,} {r[f'int8_{kind}_bytes']:>12,} "
+                  f"{r[f'int8_{kind}_ratio']:>6.2f}x {r[f'patched_int8_{kind}_bytes']:>13,} "
                   f"{r[f'patched_int8_{kind}_ratio']:>6.2f}x")
-        print(f"{'':<14} {'ort error':<16} {r['fp32_ort_error_pct']:>+11.1f}% {r['int8_ort_error_pct']:>+11.1f}% "
-              f"{'':>7} {r['patched_int8_ort_error_pct']:>+12.1f}%   (patched at {r['patch_split']}, "
-              f"grid {r['patch_grid']})")
-    print("\ntarget: int8 about 4x below fp32 in each form; measured = onnxruntime, arena off, 1 thread, "
-          "median of 3, input included; ratios against the unpatched fp32 file")
+        for err in ("ort", "noreuse"):
+            print(f"{'':<14} {err + ' error':<22} {r[f'fp32_{err}_error_pct']:>+11.1f}% "
+                  f"{r[f'int8_{err}_error_pct']:>+11.1f}% {'':>7} {r[f'patched_int8_{err}_error_pct']:>+12.1f}%")
+        print(f"{'':<14} (patched at {r['patch_split']}, grid {r['patch_grid']})")
+    print("\ntarget: int8 about 4x below fp32 in each form. measured = onnxruntime, arena off, 1 thread, median of "
+          "3, input included, MALLOC_MMAP_THRESHOLD_=65536 (4k: 4096); noreuse = SessionOptions.enable_mem_reuse "
+          "= False; ratios against the unpatched fp32 file in the same setting; noreuse error against the 4k "
+          "measurement (at 65536 glibc's heap fragmentation over many small blocks adds pages)")
 
 
 if __name__ == "__main__":

@@ -11,14 +11,15 @@ Per model four settings, all with at most 20% extra MACs: input resident, input 
 (``halo="auto"``), and streamed and resident with recomputed halos only. Each row: split node, grid, peaks, reduction, MAC overhead (patched /
 unpatched), max |Δ| of the outputs on a seeded random input (and relative to the output scale).
 For the two resident settings the patched model is exported to ONNX (BN folded, ``target="onnx"`` form) and
-its peak is reported as memplan's ONNX frontend sees the file and as onnxruntime's measured RSS
-(no arena), next to the measured RSS of the unpatched export. Targets: MobileNetV2 >= 5x, ResNet18
+its peak is reported as memplan's ONNX frontend sees the file and as onnxruntime predicts and
+measures it (no arena; with memory reuse, its default, and without: ``enable_mem_reuse = False``,
+also at ``MALLOC_MMAP_THRESHOLD_=4096``), next to the unpatched export. Targets: MobileNetV2 >= 5x, ResNet18
 >= 4x, DarkNet-style >= 4x, the RED student with streaming >= 12x below the ResNet18 teacher
 (4,014,080 B), at <= 20% MAC overhead. Rows are written to ``benchmarks/results/patch_memory.json``
 as they finish and skipped when re-run.
 
 Usage:
-    python benchmarks/patch_memory.py [--only NAME ...] [--no-onnx]
+    python benchmarks/patch_memory.py [--only NAME ...] [--no-onnx] [--remeasure-onnx]
 """
 
 from __future__ import annotations
@@ -40,8 +41,9 @@ from memplan.export import export_onnx
 from memplan.io import write_json
 from memplan.measure import measure_onnxruntime
 from memplan.onnx_frontend import analyze_onnx
+from memplan.ort_runtime import predict_ort
 from memplan.zoo import create_model
-from passes.patch import PatchError, patch_model
+from passes.patch import PatchError, PatchPlan, patch_model
 
 RESULTS = Path(__file__).parent / "results" / "patch_memory.json"
 SHAPE = (1, 3, 224, 224)
@@ -133,17 +135,46 @@ def run_setting(name: str, model: nn.Module, setting: str, stream: bool, halo: s
         row["target_met"] = (row["reduction_vs_reference"] >= target and r.mac_overhead <= 1 + MAX_OVERHEAD
                              and row["rel_diff"] is not None and row["rel_diff"] <= 1e-5)
     if onnx:
-        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            patched, exported = export_patched(model, r.plan, Path(tmp) / "patched.onnx", tolerance=1e-3)
-            row["onnx_peak_bytes"] = analyze_onnx(Path(tmp) / "patched.onnx").peak_bytes
-            row["onnx_parity_max_abs_diff"] = exported.max_abs_diff
-            row["ort_measured_patched_bytes"] = measure_onnxruntime(
-                Path(tmp) / "patched.onnx", [SHAPE], arena=False, runs=1).peak_bytes
-            export_onnx(model, torch.randn(SHAPE), Path(tmp) / "plain.onnx", random_samples=1, tolerance=1e-3)
-            row["ort_measured_unpatched_bytes"] = measure_onnxruntime(
-                Path(tmp) / "plain.onnx", [SHAPE], arena=False, runs=1).peak_bytes
+        row.update(onnx_columns(model, r.plan))
     return row
+
+
+def onnx_columns(model: nn.Module, plan: PatchPlan) -> dict:
+    """The patched model exported and run in onnxruntime (arena off), with memory reuse on (its default)
+    and off (``SessionOptions.enable_mem_reuse = False``, ``--runtime ort-noreuse``), beside the
+    unpatched export."""
+    out: dict = {}
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path, plain = Path(tmp) / "patched.onnx", Path(tmp) / "plain.onnx"
+        _, exported = export_patched(model, plan, path, tolerance=1e-3)
+        export_onnx(model, torch.randn(SHAPE), plain, random_samples=1, tolerance=1e-3)
+        out["onnx_peak_bytes"] = analyze_onnx(path).peak_bytes
+        out["onnx_parity_max_abs_diff"] = exported.max_abs_diff
+        for label, f in (("patched", path), ("unpatched", plain)):
+            out[f"ort_predicted_{label}_bytes"] = predict_ort(f).peak_bytes
+            out[f"ort_measured_{label}_bytes"] = measure_onnxruntime(f, [SHAPE], runs=1).peak_bytes
+            out[f"ort_predicted_{label}_noreuse_bytes"] = predict_ort(f, runtime="ort-noreuse").peak_bytes
+            out[f"ort_measured_{label}_noreuse_bytes"] = measure_onnxruntime(f, [SHAPE], runs=1,
+                                                                           mem_reuse=False).peak_bytes
+            out[f"ort_measured_{label}_noreuse_4k_bytes"] = measure_onnxruntime(
+                f, [SHAPE], runs=1, mem_reuse=False, mmap_threshold=4096).peak_bytes
+    return out
+
+
+def remeasure_onnx(doc: dict, names: list[str]) -> None:
+    """Re-run :func:`onnx_columns` for the finished ONNX rows of ``names``, their plans rebuilt from the rows."""
+    for name in names:
+        rows = [r for r in doc["rows"] if r["model"] == name and r["setting"] in ONNX_SETTINGS and "error" not in r]
+        if not rows:
+            continue
+        model = build(name)
+        for r in rows:
+            plan = PatchPlan(r["split_node"], tuple(r["patches"]), tuple(r["input_shape"]), r["stream_input"],
+                             r["halo"])
+            r.update(onnx_columns(model, plan))
+            write_json(doc, str(RESULTS))
+            print_table([r])
 
 
 def kib(n: int | None) -> str:
@@ -152,7 +183,7 @@ def kib(n: int | None) -> str:
 
 def print_table(rows: list[dict]) -> None:
     head = (f"{'model':<16} {'setting':<17} {'split':<22} {'grid':>6} {'halo':<9} {'peak KiB':>9} {'patched':>8} {'ratio':>6} "
-            f"{'MACs':>6} {'rel |d|':>8} {'ONNX':>7} {'ORT pat':>8} {'ORT unp':>8}  target")
+            f"{'MACs':>6} {'rel |d|':>8} {'ONNX':>7} {'ORT pat':>8} {'noreuse':>8} {'ORT unp':>8}  target")
     print("Patch-based execution, 1x3x224x224 fp32 deploy form (ratio: vs unpatched; the RED student: vs the "
           "ResNet18 teacher)")
     print(head)
@@ -167,6 +198,7 @@ def print_table(rows: list[dict]) -> None:
               f"{kib(r['peak_bytes']):>9} "
               f"{kib(r['patched_peak_bytes']):>8} {r['reduction_vs_reference']:>5.2f}x {r['mac_overhead']:>6.3f} "
               f"{r['rel_diff']:>8.1e} {kib(r.get('onnx_peak_bytes')):>7} {kib(r.get('ort_measured_patched_bytes')):>8} "
+              f"{kib(r.get('ort_measured_patched_noreuse_4k_bytes')):>8} "
               f"{kib(r.get('ort_measured_unpatched_bytes')):>8}  {target}")
 
 
@@ -174,9 +206,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", nargs="*", default=None, choices=MODELS)
     p.add_argument("--no-onnx", action="store_true", help="skip the ONNX export and onnxruntime measurement")
+    p.add_argument("--remeasure-onnx", action="store_true",
+                   help="re-run only the onnxruntime columns of finished rows (plans read from the rows)")
     args = p.parse_args()
     torch.set_num_threads(1)
     doc = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"rows": []}
+    if args.remeasure_onnx:
+        remeasure_onnx(doc, list(args.only or MODELS))
     done = {(r["model"], r["setting"]) for r in doc["rows"]}
     for name in args.only or MODELS:
         todo = [s for s in SETTINGS if (name, s[0]) not in done]

@@ -275,6 +275,82 @@ def fold_batchnorm_onnx(model: onnx.ModelProto) -> list[tuple[str, str]]:
     return pairs
 
 
+def fold_pads_onnx(model: onnx.ModelProto) -> int:
+    """Fold, in place, each constant Pad of the spatial axes into the Convs (pad value 0) and
+    MaxPools (pad value -inf, floor mode) that are its only readers, as their own ``pads``; returns
+    how many Pads went. A patched model pads each border patch explicitly: as separate Pads they
+    copy the map, and an int8 runtime keeps a -inf Pad in float.
+
+    Example:
+        >>> import numpy as np
+        >>> from onnx import TensorProto, helper, numpy_helper
+        >>> inits = [numpy_helper.from_array(np.array([0, 0, 1, 0, 0, 0, 0, 2], np.int64), "p"),
+        ...          numpy_helper.from_array(np.array(-np.inf, np.float32), "v")]
+        >>> m = helper.make_model(helper.make_graph(
+        ...     [helper.make_node("Pad", ["x", "p", "v"], ["xp"]),
+        ...      helper.make_node("MaxPool", ["xp"], ["y"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])],
+        ...     "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 8, 8])],
+        ...     [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 5, 5])], inits))
+        >>> fold_pads_onnx(m), [n.op_type for n in m.graph.node], helper.get_attribute_value(m.graph.node[0].attribute[-1])
+        (1, ['MaxPool'], [2, 1, 1, 3])
+    """
+    from onnx import numpy_helper
+
+    g = model.graph
+    consts = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    for n in g.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for n in g.node:
+        for t in n.input:
+            readers.setdefault(t, []).append(n)
+    outputs = {o.name for o in g.output}
+    folded = []
+    for pad in g.node:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in pad.attribute}
+        if (pad.op_type != "Pad" or attrs.get("mode", b"constant") not in (b"constant", "constant")
+                or len(pad.input) < 2 or pad.input[1] not in consts or (len(pad.input) > 3 and pad.input[3])
+                or pad.output[0] in outputs):
+            continue
+        value = float(consts[pad.input[2]].reshape(-1)[0]) if len(pad.input) > 2 and pad.input[2] in consts else (
+            None if len(pad.input) > 2 and pad.input[2] else 0.0)
+        pads = [int(v) for v in consts[pad.input[1]].reshape(-1)]
+        rank = len(pads) // 2
+        users = readers.get(pad.output[0], [])
+        if value is None or rank < 3 or any(v < 0 for v in pads) or any(pads[i] or pads[rank + i] for i in (0, 1)):
+            continue
+        if not users or not all(_absorbs_pad(u, pad.output[0], value) for u in users):
+            continue
+        spatial = rank - 2
+        for u in users:
+            a = {x.name: onnx.helper.get_attribute_value(x) for x in u.attribute}
+            own = list(a.get("pads", [0] * 2 * spatial))
+            merged = [own[i] + pads[2 + i] for i in range(spatial)] + [own[spatial + i] + pads[rank + 2 + i]
+                                                                       for i in range(spatial)]
+            for x in list(u.attribute):
+                if x.name == "pads":
+                    u.attribute.remove(x)
+            u.attribute.append(onnx.helper.make_attribute("pads", merged))
+            u.input[0] = pad.input[0]
+        folded.append(pad)
+    for pad in folded:
+        g.node.remove(pad)
+    used = {t for n in g.node for t in n.input}
+    for t in [t for t in g.initializer if t.name not in used and any(t.name in p.input for p in folded)]:
+        g.initializer.remove(t)
+    return len(folded)
+
+
+def _absorbs_pad(node: onnx.NodeProto, padded: str, value: float) -> bool:
+    """Whether ``node`` computes the same from ``padded``'s unpadded input with the pad in its ``pads``."""
+    a = {x.name: onnx.helper.get_attribute_value(x) for x in node.attribute}
+    if node.input[0] != padded or a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+        return False
+    return ((node.op_type == "Conv" and value == 0.0)
+            or (node.op_type == "MaxPool" and value == -math.inf and not a.get("ceil_mode", 0)))
+
+
 def _set_attr(node: onnx.NodeProto, name: str, value: float) -> None:
     for a in list(node.attribute):
         if a.name == name:
@@ -457,6 +533,7 @@ def export_onnx(
     random_samples: int = 2,
     tolerance: float = DEFAULT_TOLERANCE,
     seed: int = 0,
+    fold_pads: bool = False,
 ) -> ExportResult:
     """Export ``model`` to ``path``, fold BN, check it and verify onnxruntime parity (docs/definitions.md §2,
     deploy form).
@@ -469,7 +546,9 @@ def export_onnx(
     larger and ``tolerance`` is positive (a random deep net amplifies rounding; recorded as
     ``fp32_noise``). Raises
     :class:`MemplanError` (and leaves ``path`` untouched) if the opset is not supported, export, the
-    checker or parity fails. ``opset`` None = the exporter's default.
+    checker or parity fails. ``opset`` None = the exporter's default. ``fold_pads`` also folds explicit
+    constant Pads into the Convs and MaxPools that read them (:func:`fold_pads_onnx`; a patched model's
+    border pads), which the PyTorch-side deploy form still counts as copies.
 
     Example:
         >>> import tempfile, torch
@@ -494,6 +573,8 @@ def export_onnx(
         try:
             exporter, notes, proto = _export(model, tuple(a.detach() for a in args), tmp, opset, dynamic_batch)
             pairs = fold_batchnorm_onnx(proto)
+            if fold_pads:
+                fold_pads_onnx(proto)
             files = _write_checked(proto, tmp)
             for f in files:
                 check_destination(path.parent / f.name)

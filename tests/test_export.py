@@ -218,3 +218,30 @@ def test_fold_batchnorm_without_fx():
     x = torch.randn(2, 3, 9, 9)
     with torch.no_grad():
         torch.testing.assert_close(folded(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_fold_pads_moves_border_pads_into_the_ops_and_keeps_the_function(tmp_path):
+    import onnx
+    from torch import nn
+
+    class Borders(nn.Module):  # the explicit pads a patched model's border patches carry
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3)
+            self.conv2 = nn.Conv2d(8, 8, 3)
+
+        def forward(self, x):
+            y = self.conv(F.pad(x, (1, 0, 2, 1)))  # zeros before a conv: the exporter folds it already
+            y = F.max_pool2d(F.pad(y, (0, 1, 1, 0), value=float("-inf")), 3, 2)  # -inf before a max pool: folded
+            return self.conv2(F.pad(y, (1, 1, 1, 1), value=1.0))  # ones before a conv: a real Pad, kept
+
+    net, x = Borders().eval(), torch.randn(1, 3, 20, 20)
+    plain, folded = tmp_path / "plain.onnx", tmp_path / "folded.onnx"
+    export_onnx(net, x, plain, random_samples=2)
+    r = export_onnx(net, x, folded, random_samples=2, fold_pads=True)  # parity with PyTorch checked on export
+    pads = [[n.op_type for n in onnx.load(str(f)).graph.node].count("Pad") for f in (plain, folded)]
+    assert pads == [2, 1] and r.max_abs_diff <= 1e-5
+    # plain: conv1's output (8x21x19) and its -inf padded copy (8x22x20) at the Pad; folded: no copy,
+    # the peak is conv1 itself (its input 3x20x20 and output)
+    assert analyze_onnx(plain).peak_bytes == (8 * 21 * 19 + 8 * 22 * 20) * 4
+    assert analyze_onnx(folded).peak_bytes == (3 * 20 * 20 + 8 * 21 * 19) * 4

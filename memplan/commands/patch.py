@@ -120,7 +120,8 @@ def write_outputs(result: PatchResult, out: str) -> list[str]:
 
 def export_patched(model: nn.Module, plan: PatchPlan, path: str | Path, *,
                    tolerance: float = 1e-4) -> tuple[PatchResult, Any]:
-    """Fold BatchNorm, re-apply ``plan`` in the ONNX form (``target="onnx"``), export with parity checked.
+    """Fold BatchNorm, re-apply ``plan`` in the ONNX form (``target="onnx"``), export with parity checked
+    and the border patches' explicit pads folded into the convs and max pools that read them.
 
     BN is folded before patching because a BN called once per patch is not folded by the exporter.
     Returns the patched (folded) result and the :class:`ExportResult`.
@@ -132,7 +133,7 @@ def export_patched(model: nn.Module, plan: PatchPlan, path: str | Path, *,
     patched = apply_plan(folded, plan, check=False, target="onnx")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        exported = export_onnx(patched.module, x, path, random_samples=1, tolerance=tolerance)
+        exported = export_onnx(patched.module, x, path, random_samples=1, tolerance=tolerance, fold_pads=True)
     return patched, exported
 
 

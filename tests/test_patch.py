@@ -418,6 +418,19 @@ def test_cli_json_keys(capsys, tmp_path):
     assert code == 0 and "halo cached between row bands" in out
 
 
+def test_cli_onnx_measure_reports_onnxruntime_with_and_without_reuse(capsys, tmp_path):
+    (tmp_path / "tiny.py").write_text(_TINY)
+    code, out, err = _cli(capsys, f"{tmp_path / 'tiny.py'}:build", "--input", "1,3,64,64", "--patches", "4",
+                          "--onnx", str(tmp_path / "p.onnx"), "--measure", "--json", "-")
+    assert code == 0, err
+    doc = json.loads(out)
+    input_bytes = 3 * 64 * 64 * 4
+    for key in ("ort", "ort_noreuse"):
+        assert doc[f"{key}_predicted_peak_bytes"] > input_bytes and doc[f"{key}_measured_peak_bytes"] > input_bytes
+    # without reuse no buffer is held between its users: never more than with it
+    assert doc["ort_noreuse_predicted_peak_bytes"] <= doc["ort_predicted_peak_bytes"]
+
+
 @pytest.mark.parametrize(("argv", "message"), [
     (["--patches", "2x"], "bad --patches '2x'"),
     (["--split", "nope"], "'nope' is not a valid split node"),

@@ -154,8 +154,13 @@ def onnx_report(model: nn.Module, plan: PatchPlan, path: str | Path, *, measure:
         doc["onnx_stream_peak_bytes"] = max(live_bytes([lt for lt in report.lifetimes if lt.storage not in inputs],
                                                        len(report.order)))
     if measure:
-        m = measure_onnxruntime(path, [plan.input_shape], arena=False, runs=1)
-        doc["ort_measured_peak_bytes"] = m.peak_bytes
+        from memplan.ort_runtime import predict_ort
+
+        for key, reuse in (("", True), ("_noreuse", False)):  # onnxruntime's default; enable_mem_reuse off
+            doc[f"ort{key}_predicted_peak_bytes"] = predict_ort(
+                path, [plan.input_shape], runtime="ort" if reuse else "ort-noreuse").peak_bytes
+            doc[f"ort{key}_measured_peak_bytes"] = measure_onnxruntime(path, [plan.input_shape], arena=False, runs=1,
+                                                                       mem_reuse=reuse).peak_bytes
     return doc
 
 
@@ -180,7 +185,10 @@ def format_summary(doc: dict[str, Any], written: list[str]) -> str:
         lines.append(f"ONNX             {fmt_bytes(doc['onnx_peak_bytes'])} in the exported graph, parity "
                      f"{doc['onnx_parity_max_abs_diff']:.3g}")
     if "ort_measured_peak_bytes" in doc:
-        lines.append(f"onnxruntime      {fmt_bytes(doc['ort_measured_peak_bytes'])} measured (no arena, child RSS)")
+        lines.append(f"onnxruntime      {fmt_bytes(doc['ort_measured_peak_bytes'])} measured, "
+                     f"{fmt_bytes(doc['ort_predicted_peak_bytes'])} predicted (no arena); with "
+                     f"enable_mem_reuse off {fmt_bytes(doc['ort_noreuse_measured_peak_bytes'])} measured, "
+                     f"{fmt_bytes(doc['ort_noreuse_predicted_peak_bytes'])} predicted (--runtime ort-noreuse)")
     if written:
         lines.append(f"wrote            {', '.join(written)}")
     return "\n".join(lines)

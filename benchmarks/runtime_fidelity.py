@@ -33,6 +33,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import onnxruntime
 import torch
 from torch import nn
@@ -40,7 +41,9 @@ from torch import nn
 from memplan.analyze import analyze
 from memplan.export import export_onnx
 from memplan.measure import measure_onnxruntime, trace_onnxruntime
+from memplan.onnx_ort import analyze_onnx_file
 from memplan.ort_runtime import predict_ort
+from memplan.quantize import quantize_onnx
 from memplan.report import fmt_bytes
 from memplan.zoo import create_model
 
@@ -169,7 +172,11 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
     "resnet18_k4_red": _student("resnet18"),
     "resnet50_k4_red": _student("resnet50"),
     "resnet50_k4_red_ortform": _student("resnet50", ort_form=True),
+    # static int8 (QDQ, memplan.quantize) of the same exports: onnxruntime's QLinearConv and its scratch
+    "resnet18_int8": lambda: create_model("resnet18"),
+    "mobilenet_v2_int8": lambda: create_model("mobilenet_v2"),
 }
+INT8 = {"resnet18_int8", "mobilenet_v2_int8"}
 DEVELOPED_ON = {(name, 224) for name in ("resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "densenet121")}
 
 
@@ -182,11 +189,19 @@ def measure_row(name: str, size: int, tmp: Path) -> dict:
     path = tmp / f"{name}-{size}.onnx"
     export = export_onnx(model, torch.randn(shape), path, random_samples=1, tolerance=1e-3)
     deploy = analyze(model, shape).peak_bytes
+    if name in INT8:  # the int8 file replaces the fp32 one; its deploy form is memplan's ONNX analysis
+        calibration = np.random.default_rng(0).standard_normal((8, *shape[1:])).astype(np.float32)
+        fp32, path = path, tmp / f"{name}-{size}-int8.onnx"
+        quantize_onnx(fp32, path, calibration, calibration[:2])
+        fp32.unlink()
+        deploy = analyze_onnx_file(path).peak_bytes
     ort = predict_ort(path, [shape])
     arena = predict_ort(path, [shape], runtime="ort-arena")
+    noreuse = predict_ort(path, [shape], runtime="ort-noreuse")
     m = measure_onnxruntime(path, [shape], arena=False, runs=0)
     m4k = measure_onnxruntime(path, [shape], arena=False, runs=0, mmap_threshold=4096)
     ma = measure_onnxruntime(path, [shape], arena=True, runs=0)
+    mnr = measure_onnxruntime(path, [shape], arena=False, runs=0, mmap_threshold=4096, mem_reuse=False)
     trace = trace_onnxruntime(path, [shape])
     path.unlink()
     return {
@@ -202,6 +217,9 @@ def measure_row(name: str, size: int, tmp: Path) -> dict:
         "error_deploy_pct": round(100 * (deploy / m.peak_bytes - 1), 2),
         "error_ort_mmap4k_pct": round(100 * (ort.peak_bytes / m4k.peak_bytes - 1), 2),
         "error_ort_arena_pct": round(100 * (arena.peak_bytes / ma.peak_bytes - 1), 2),
+        "predicted_ort_noreuse_bytes": noreuse.peak_bytes, "measured_noreuse_4k_bytes": mnr.peak_bytes,
+        "measured_noreuse_4k_samples": list(mnr.samples),
+        "error_ort_noreuse_pct": round(100 * (noreuse.peak_bytes / mnr.peak_bytes - 1), 2),
         "peak_node": ort.graph.nodes[ort.peak_step].name,
     }
 
@@ -210,7 +228,8 @@ def table(rows: list[dict]) -> str:
     """The printed table."""
     head = (f"| {'model':<24} | {'size':>4} | {'held out':>8} | {'--runtime ort':>13} | {'measured':>10} | "
             f"{'error':>7} | {'meas. 4K':>10} | {'error':>7} | {'traced':>10} | {'deploy':>10} | {'error':>7} | "
-            f"{'ort-arena':>10} | {'measured':>10} | {'error':>7} |")
+            f"{'ort-arena':>10} | {'measured':>10} | {'error':>7} | {'ort-noreuse':>11} | {'meas. 4K':>10} | "
+            f"{'error':>7} |")
     lines = [head, "|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|"]
     for r in rows:
         lines.append(
@@ -221,8 +240,14 @@ def table(rows: list[dict]) -> str:
             f"| {fmt_bytes(r['traced_bytes']) if r['traced_bytes'] else 'n/a':>10} "
             f"| {fmt_bytes(r['deploy_bytes']):>10} | {r['error_deploy_pct']:>+6.1f}% "
             f"| {fmt_bytes(r['predicted_ort_arena_bytes']):>10} | {fmt_bytes(r['measured_arena_bytes']):>10} "
-            f"| {r['error_ort_arena_pct']:>+6.1f}% |")
+            f"| {r['error_ort_arena_pct']:>+6.1f}% | {_cell(r, 'predicted_ort_noreuse_bytes', 11)} "
+            f"| {_cell(r, 'measured_noreuse_4k_bytes', 10)} | "
+            + (f"{r['error_ort_noreuse_pct']:>+6.1f}% |" if "error_ort_noreuse_pct" in r else f"{'-':>7} |"))
     return "\n".join(lines)
+
+
+def _cell(row: dict, key: str, width: int) -> str:
+    return f"{fmt_bytes(row[key]) if key in row else '-':>{width}}"
 
 
 def _save(rows: list[dict]) -> None:
@@ -241,7 +266,9 @@ def main() -> None:
     ap.add_argument("--sizes", nargs="*", type=int, default=[224, 512])
     ap.add_argument("--redo", action="store_true", help="measure rows again even if the JSON has them")
     args = ap.parse_args()
-    rows = [] if args.redo or not RESULTS.exists() else json.loads(RESULTS.read_text())["rows"]
+    rows = json.loads(RESULTS.read_text())["rows"] if RESULTS.exists() else []
+    if args.redo:  # only the rows asked for are measured again; the others stay
+        rows = [r for r in rows if not (r["model"] in args.only and r["size"] in args.sizes)]
     done = {(r["model"], r["size"]) for r in rows}
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes:

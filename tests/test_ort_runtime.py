@@ -262,3 +262,28 @@ def test_no_reuse_frees_what_the_freelist_would_keep(tmp_path):
         if trace is not None:
             cmp = compare_trace(plan, trace)
             assert cmp.missing_buffers == [] and cmp.traced_peak_bytes == plan.peak_bytes, cmp.format()
+
+
+def test_prediction_takes_the_worst_of_the_orders_onnxruntime_chooses(monkeypatch):
+    # onnxruntime may order parallel branches differently in each session (its NCHWc pass inserts nodes
+    # in a varying order): two branches x -> 400 B -> 10 B, run one after the other (peak: one 400 B
+    # map, 520 B with the input) or side by side (both, 910 B)
+    import memplan.ort_runtime as ort_runtime
+
+    def graph(depth_first):
+        a = [("Neg", ["x"], ["a1"]), ("Neg", ["a1"], ["a2"])]
+        b = [("Neg", ["x"], ["b1"]), ("Neg", ["b1"], ["b2"])]
+        nodes = a + b if depth_first else [a[0], b[0], a[1], b[1]]
+        sizes = {"x": 100, "a1": 400, "b1": 400, "a2": 10, "b2": 10, "y": 10}
+        return _graph([*nodes, ("Add", ["a2", "b2"], ["y"])], sizes, ["y"])
+
+    calls = []
+    monkeypatch.setattr(ort_runtime, "load_ort_graph",
+                        lambda path, shapes=None: calls.append(1) or graph(len(calls) % 2 == 1))
+    p = ort_runtime.predict_ort("unused.onnx", sessions=2, max_sessions=4)
+    assert len(calls) == 4 and p.orders_seen == 2  # the first two sessions disagreed: two more were sampled
+    assert p.peak_range == (520, 910) and p.peak_bytes == 910
+    calls.clear()
+    monkeypatch.setattr(ort_runtime, "load_ort_graph", lambda path, shapes=None: calls.append(1) or graph(True))
+    p = ort_runtime.predict_ort("unused.onnx", sessions=2, max_sessions=4)
+    assert len(calls) == 2 and (p.orders_seen, p.peak_range, p.peak_bytes) == (1, (520, 520), 520)

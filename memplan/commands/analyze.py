@@ -78,6 +78,11 @@ def run(args: argparse.Namespace) -> int:
     if args.runtime:
         setting = {"ort": "arena off", "ort-arena": "BFC arena", "ort-noreuse": "arena off, no memory reuse"}
         notes.append(f"runtime          onnxruntime CPU, {setting[args.runtime]}, 1 thread: {report.extra['placements']}")
+        if "orders_seen" in report.extra:
+            low, high = report.extra["peak_range_bytes"]
+            notes.append(f"execution order  onnxruntime ran this graph in {report.extra['orders_seen']} different orders "
+                         f"over the sessions sampled: peak {fmt_bytes(low)} to {fmt_bytes(high)}; the highest is "
+                         "reported")
     elif args.order == "best":
         schedule = best_order(report.graph)
         report = report_from_graph(report.graph, order=schedule.order, param_bytes=report.param_bytes,

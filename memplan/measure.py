@@ -402,7 +402,7 @@ def trace_onnxruntime(path: str | Path, input_shapes: Sequence[Sequence[int]], *
 def measure_onnxruntime(
     path: str | Path, input_shapes: Sequence[Sequence[int]], *, arena: bool = False, threads: int = 1,
     repeats: int = 5, runs: int = 5, timeout: float = 600.0, mmap_threshold: int = 65536, trim_heap: bool = True,
-    mem_reuse: bool = True,
+    mem_reuse: bool = True, sessions: int = 1,
 ) -> Measurement:
     """The clean method: peak RSS growth of one onnxruntime run in a child process, plus the input bytes.
 
@@ -412,7 +412,10 @@ def measure_onnxruntime(
     pages back (``malloc_trim``, unless ``trim_heap`` is False: then blocks under the threshold reuse
     pages RSS growth cannot see) and resets the peak-RSS counter (``/proc/self/clear_refs``) before
     each of ``repeats`` measured runs. ``peak_bytes`` is the
-    median, ``samples`` all of them. ``runs`` more runs give the median latency.
+    median, ``samples`` all of them. ``runs`` more runs give the median latency. ``sessions`` > 1
+    measures that many child processes, each its own session: onnxruntime may run a graph of
+    parallel branches in another order in each (:func:`memplan.ort_runtime.predict_ort`), and
+    ``peak_bytes`` is then the highest session's median.
 
     Example:
         >>> import tempfile, torch
@@ -426,16 +429,24 @@ def measure_onnxruntime(
         ('onnxruntime, no arena', 35, True)
     """
     backend = "onnxruntime, arena" if arena else "onnxruntime, no arena" if mem_reuse else "onnxruntime, no reuse"
-    doc = _run_child(path, input_shapes, arena=arena, threads=threads, repeats=max(1, repeats), runs=runs,
-                     timeout=timeout, mmap_threshold=mmap_threshold, trim_heap=trim_heap, mem_reuse=mem_reuse)
-    input_bytes = doc["input_bytes"]
-    samples = tuple(sorted(s + input_bytes for s in doc["samples"]))
+    docs = [_run_child(path, input_shapes, arena=arena, threads=threads, repeats=max(1, repeats), runs=runs,
+                       timeout=timeout, mmap_threshold=mmap_threshold, trim_heap=trim_heap, mem_reuse=mem_reuse)
+            for _ in range(max(1, sessions))]
+    medians, samples_all = [], []
+    for doc in docs:
+        per = sorted(s + doc["input_bytes"] for s in doc["samples"])
+        medians.append(per[len(per) // 2])
+        samples_all += per
+    samples = tuple(sorted(samples_all))
     trimmed = ", heap trimmed" if trim_heap else ""
+    per_session = f"median of {len(samples) // len(docs)} + input" + (
+        f", the highest of {len(docs)} sessions" if len(docs) > 1 else "")
     method = (f"child process, {threads} thread(s), arena {'on' if arena else 'off'}, memory patterns off, "
               f"MALLOC_MMAP_THRESHOLD_={mmap_threshold}{trimmed}; VmHWM - VmRSS over one run after 2 warm-ups, "
-              f"median of {len(samples)} + input") + ("" if doc["reset"] else " (peak RSS could not be reset)")
-    return Measurement(backend, samples[len(samples) // 2], method, NOTES[backend], latency_ms=doc["latency_ms"],
-                       samples=samples)
+              f"{per_session}") + ("" if all(d["reset"] for d in docs) else " (peak RSS could not be reset)")
+    latencies = sorted(d["latency_ms"] for d in docs if d["latency_ms"] is not None)
+    return Measurement(backend, max(medians), method, NOTES[backend],
+                       latency_ms=latencies[len(latencies) // 2] if latencies else None, samples=samples)
 
 
 def available_memory() -> int:

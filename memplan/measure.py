@@ -563,7 +563,7 @@ class TraceComparison:
     with the inputs; ``extra_allocations``: traced blocks no predicted buffer accounts for (kernel
     workspaces), with the node they came during; ``missing_buffers``: predicted buffers (>= 4 KiB)
     the trace never allocated; ``rss_minus_trace``: measured RSS peak minus the traced peak (page
-    granularity, pages never touched, the kernel's lazily updated RSS counters).
+    granularity, pages never touched, heap fragmentation, the kernel's lazily updated RSS counters).
     """
 
     predicted_peak_bytes: int
@@ -590,9 +590,9 @@ class TraceComparison:
                 shown = ", ".join(f"{fmt_bytes(n)} at {t}" for t, n in sorted(items, key=lambda i: -i[1])[:4])
                 lines.append(f"  {label}: {len(items)} blocks, {fmt_bytes(total)} ({shown})")
         if self.rss_minus_trace is not None:
-            lines.append(f"  RSS - traced peak: {fmt_bytes(self.rss_minus_trace)} (below zero: blocks under "
-                         "MALLOC_MMAP_THRESHOLD_ reuse heap pages kept from the warm-ups, which RSS growth cannot "
-                         "see; above: 4 KiB pages, allocations under 4 KiB, lazily updated RSS counters)")
+            lines.append(f"  RSS - traced peak: {fmt_bytes(self.rss_minus_trace)} (4 KiB pages, allocations under "
+                         "4 KiB, glibc's heap fragmentation for blocks under MALLOC_MMAP_THRESHOLD_, lazily "
+                         "updated RSS counters)")
         return "\n".join(lines)
 
 

@@ -9,7 +9,10 @@ idealised runtime:
   ``SessionOptions.optimized_model_filepath``.
 - **Its execution order**: onnxruntime's default order is a reverse DFS over node indices that the
   saved file does not keep, so the order (and every node's output shapes) is read from
-  onnxruntime's own profile of one run on zeros.
+  onnxruntime's own profile of one run on zeros. The NCHWc pass numbers the nodes it inserts in
+  an order that varies between sessions, so a graph of parallel branches may run in another order
+  in the next session: :func:`predict_ort` samples sessions until their orders agree and keeps
+  the worst.
 - **Its allocation planner** (``SequentialPlanner``, simulated by :func:`plan_ort`): a graph
   output gets its own buffer that lives to the end; an ``Alias`` kernel (Reshape, Flatten,
   Squeeze, Unsqueeze, Identity, Dropout) always shares its input; a ``MayInplace`` kernel (unary
@@ -26,7 +29,9 @@ idealised runtime:
   placed in it. A freed buffer that the planner hands to a later tensor therefore stays allocated
   from its first to its last user (this is why onnxruntime can need more than the liveness bound).
 
-``--runtime ort-arena`` replays the same allocations and frees through a model of onnxruntime's
+``--runtime ort-noreuse`` is a session with ``enable_mem_reuse = False``: the planner's freelist
+hands nothing on (in-place kernels and aliases stay), so every buffer is freed after its last
+reader. ``--runtime ort-arena`` replays the same allocations and frees through a model of onnxruntime's
 BFC arena (:func:`simulate_bfc_arena`): requests rounded to 256 B, best-fit over free chunks,
 splitting and coalescing, and regions grown by ``kNextPowerOfTwo`` from a 1 MiB first region.
 

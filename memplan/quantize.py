@@ -84,47 +84,53 @@ def restore_order(quantized: Any, source: Any) -> None:
 
     Each node that kept its source name takes the source's position; a QuantizeLinear follows its
     producer, a DequantizeLinear (and anything else new) precedes its first consumer. A stable
-    topological sort on those keys gives the new order.
+    topological sort on those keys gives the new order. A file whose nodes mostly lost their
+    source names keeps onnxruntime's order.
     """
     import heapq
 
-    nodes = list(quantized.graph.node)
+    nodes = list(quantized.graph.node)  # onnxruntime saves them topologically sorted
     position = {n.name: float(i) for i, n in enumerate(source.graph.node) if n.name}
+    if sum(n.name in position for n in nodes) < len(position) / 2:
+        return
     producer = {t: k for k, n in enumerate(nodes) for t in n.output if t}
-    consumers: dict[int, list[int]] = {k: [] for k in range(len(nodes))}
-    indegree = [0] * len(nodes)
-    for k, n in enumerate(nodes):
-        for t in {t for t in n.input if t in producer}:
-            consumers[producer[t]].append(k)
-            indegree[k] += 1
-    key: dict[int, float] = {k: position[n.name] for k, n in enumerate(nodes) if n.name in position}
+    ups = [sorted({producer[t] for t in n.input if t in producer}) for n in nodes]
+    downs: list[list[int]] = [[] for _ in nodes]
+    for k, us in enumerate(ups):
+        for u in us:
+            downs[u].append(k)
+    key: list[float | None] = [position.get(n.name) for n in nodes]
+    quantize = [n.op_type == "QuantizeLinear" and key[k] is None for k, n in enumerate(nodes)]
 
-    def find(k: int, seen: frozenset = frozenset()) -> float:
-        if k in key:
-            return key[k]
-        n = nodes[k]
-        ups = [producer[t] for t in n.input if t in producer and producer[t] not in seen]
-        if n.op_type == "QuantizeLinear" and ups:
-            key[k] = find(ups[0], seen | {k}) + 0.5
-        else:
-            downs = [c for c in consumers[k] if c not in seen]
-            key[k] = min((find(c, seen | {k}) for c in downs), default=float(len(source.graph.node))) - 0.5
-        return key[k]
+    def before_consumers(k: int) -> None:
+        known = [key[c] for c in downs[k] if key[c] is not None]
+        if key[k] is None and known:
+            key[k] = min(known) - 0.5
 
-    ready = [(find(k), k) for k in range(len(nodes)) if indegree[k] == 0]
+    for k in reversed(range(len(nodes))):  # new nodes but quantizes: just before their first consumer
+        if not quantize[k]:
+            before_consumers(k)
+    for k in range(len(nodes)):  # quantizes (and nodes only quantizes read): just after their producer
+        if key[k] is None:
+            known = [key[u] for u in ups[k] if key[u] is not None]
+            key[k] = max(known) + 0.5 if known else None
+    for k in reversed(range(len(nodes))):
+        before_consumers(k)
+    last = float(len(source.graph.node))
+    ready = [(key[k] if key[k] is not None else last, k) for k in range(len(nodes)) if not ups[k]]
     heapq.heapify(ready)
+    indegree = [len(us) for us in ups]
     order = []
     while ready:
         _, k = heapq.heappop(ready)
         order.append(k)
-        for c in consumers[k]:
+        for c in downs[k]:
             indegree[c] -= 1
             if indegree[c] == 0:
-                heapq.heappush(ready, (find(c), c))
-    if len(order) != len(nodes):
-        return  # not a DAG as read (subgraphs): keep onnxruntime's order
-    del quantized.graph.node[:]
-    quantized.graph.node.extend(nodes[k] for k in order)
+                heapq.heappush(ready, (key[c] if key[c] is not None else last, c))
+    if len(order) == len(nodes):
+        del quantized.graph.node[:]
+        quantized.graph.node.extend(nodes[k] for k in order)
 
 
 def quantize_onnx(fp32_path: str | Path, out_path: str | Path, calibration: np.ndarray, check: np.ndarray,

@@ -381,8 +381,15 @@ def local_ops(cg: CapturedGraph) -> tuple[dict[str, LocalOp], list[Candidate], s
 
 
 # ------------------------------------------------------------------------------------------ regions
-def _tiles(size: int, parts: int) -> list[Range]:
-    edges = [round(i * size / parts) for i in range(parts + 1)]
+def _tiles(size: int, parts: int, distinct: bool = False) -> list[Range]:
+    """``parts`` consecutive ranges covering ``size``: as equal as can be, or (``distinct``, where
+    ``size`` allows) of consecutive different lengths, so that no two patches have the same shape."""
+    if distinct and parts > 1 and size >= parts * (parts + 1) // 2:
+        a, r = divmod(size - parts * (parts - 1) // 2, parts)
+        lengths = [a + i + (1 if i >= parts - r else 0) for i in range(parts)]
+        edges = [sum(lengths[:i]) for i in range(parts + 1)]
+    else:
+        edges = [round(i * size / parts) for i in range(parts + 1)]
     return [(edges[i], edges[i + 1]) for i in range(parts)]
 
 
@@ -430,14 +437,14 @@ def _computed(need: Range, done: dict[str, int] | None, name: str) -> Range:
 
 
 def _band_regions(
-    gm: fx.GraphModule, cand: Candidate, ops: dict[str, LocalOp], parts: int
+    gm: fx.GraphModule, cand: Candidate, ops: dict[str, LocalOp], parts: int, distinct: bool = False
 ) -> list[tuple[dict[str, Range], dict[tuple[str, str], Range], dict[str, int]]]:
     """Row regions of every band when each row is computed once (halo rows cached between bands):
     per band the rows each node must hold, what each op reads, and the rows computed before it."""
     done: dict[str, int] = {}
     start: dict[str, int] = {}
     out = []
-    for tile in _tiles(cand.shape[2], parts):
+    for tile in _tiles(cand.shape[2], parts, distinct):
         need, reads = _axis_regions(gm, cand, ops, 0, tile, done)
         if any(lo < start.get(name, lo) for name, (lo, _) in need.items()):
             raise PatchError("a band needs rows above the previous band's: the halo cannot be cached")
@@ -576,12 +583,16 @@ class _Builder:
         H, W = cand.shape[2:]
         out = None
         bands = []
-        cached = _band_regions(gm, cand, self.ops, self.grid[0]) if self.cache else []
+        # the ONNX form gives every patch its own shape where the map allows: onnxruntime's planner
+        # hands a freed buffer to the next tensor of the same shape and keeps it allocated from its
+        # first user to its last, so equal patches would keep one buffer per layer through the loop
+        distinct = self.target == "onnx"
+        cached = _band_regions(gm, cand, self.ops, self.grid[0], distinct) if self.cache else []
         if self.cache:
             self.cols = _axis_regions(gm, cand, self.ops, 1, (0, W))
-        for r, rows in enumerate(_tiles(H, self.grid[0])):
+        for r, rows in enumerate(_tiles(H, self.grid[0], distinct)):
             band = []
-            for c, cols in enumerate(_tiles(W, self.grid[1])):
+            for c, cols in enumerate(_tiles(W, self.grid[1], distinct)):
                 if self.cache:
                     tile = self._band(nodes, cached[r], cached[r + 1] if r + 1 < len(cached) else None, f"b{r}")
                 else:
@@ -1018,7 +1029,9 @@ def patch_model(
     surplus outputs dropped by a view. ``"onnx"``: no in-place op and no cropping views, which an ONNX
     runtime would copy (the exporter turns the in-place copies into slice-scatters that copy the whole
     map per tile; onnxruntime keeps cropped conv outputs): tiles are joined by ``torch.cat`` (the last
-    concat holds the map twice) and border padding is an explicit pad.
+    concat holds the map twice), border padding is an explicit pad, and the tiles have consecutive
+    different sizes where the map allows (no two patches of one shape, so onnxruntime's planner
+    hands no patch's buffer on to the next and frees each after its last reader).
     ``halo``: ``"recompute"`` (MCUNetV2: every patch recomputes its halo; any grid), ``"cache"``
     (full-width row bands top to bottom; the halo rows a band shares with the next are kept, so every
     row is computed once and the MACs do not grow) or ``"auto"`` (both are searched).

@@ -452,3 +452,38 @@ def test_cli_unpatchable_model(capsys, tmp_path):
                     "nn.Conv2d(3, 4, 1), nn.Flatten())\n")
     code, out, err = _cli(capsys, f"{path}:build", "--input", "1,3,16,16")
     assert code == 2 and "cannot be patched" in err and len(err.strip().splitlines()) == 1
+
+
+def test_tiles_of_the_onnx_form_have_different_sizes():
+    from passes.patch import _tiles
+
+    assert _tiles(28, 4) == [(0, 7), (7, 14), (14, 21), (21, 28)]
+    distinct = _tiles(28, 4, distinct=True)
+    lengths = [b - a for a, b in distinct]
+    assert distinct[0][0] == 0 and distinct[-1][1] == 28 and len(set(lengths)) == 4 and lengths == sorted(lengths)
+    assert _tiles(5, 4, distinct=True) == _tiles(5, 4)  # 1+2+3+4 > 5: as equal as can be
+
+
+def test_onnx_form_patches_are_not_chained_by_onnxruntimes_planner(tmp_path, monkeypatch):
+    # equal patches: onnxruntime hands each patch's freed buffers to the next patch's tensors of the same
+    # shape and keeps them allocated to the last user; patches of different sizes leave nothing to hand on
+    import passes.patch as patch_module
+    from memplan.commands.patch import export_patched
+    from memplan.ort_runtime import predict_ort
+
+    net = _seeded(nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                                nn.Conv2d(16, 16, 3, stride=2, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                                nn.Flatten()))
+    plan = patch_model(net, (1, 3, 96, 96), grid=(4, 1), split_node="_5", halo="recompute", verify=1).plan
+    handed_on = {}
+    for label in ("distinct", "uniform"):
+        if label == "uniform":
+            monkeypatch.setattr(patch_module, "_tiles", lambda size, parts, distinct=False: [
+                (round(i * size / parts), round((i + 1) * size / parts)) for i in range(parts)])
+        _, exported = export_patched(net, plan, tmp_path / f"{label}.onnx")
+        assert exported.max_abs_diff <= 1e-5
+        placed = predict_ort(tmp_path / f"{label}.onnx").reuse.values()
+        handed_on[label] = sum(how == "freelist" for how in placed)  # tensors put in an earlier tensor's buffer
+    # the two interior patches of the uniform grid share every shape; the distinct grid only the odd few
+    # tensors whose one-sided border halo makes up for their tile's extra row
+    assert handed_on["distinct"] <= 2 and handed_on["uniform"] >= 8

@@ -31,6 +31,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -236,7 +237,7 @@ def fold_batchnorm_onnx(model: onnx.ModelProto) -> list[tuple[str, str]]:
         conv = producer.get(bn.input[0]) if bn.op_type == "BatchNormalization" else None
         if conv is None or conv.op_type not in _FOLDABLE or readers[bn.input[0]] != 1 or any(bn.output[1:]):
             continue
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in [*conv.attribute, *bn.attribute]}
+        attrs = {**_attrs(conv), **_attrs(bn)}
         if (attrs.get("training_mode", 0) or not all(t in inits and readers[t] == 1 for t in conv.input[1:])
                 or not all(t in inits for t in bn.input[1:5])
                 or (conv.op_type == "ConvTranspose" and attrs.get("group", 1) != 1)
@@ -308,13 +309,13 @@ def fold_pads_onnx(model: onnx.ModelProto) -> int:
     outputs = {o.name for o in g.output}
     folded = []
     for pad in g.node:
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in pad.attribute}
+        attrs = _attrs(pad)
         if (pad.op_type != "Pad" or attrs.get("mode", b"constant") not in (b"constant", "constant")
                 or len(pad.input) < 2 or pad.input[1] not in consts or (len(pad.input) > 3 and pad.input[3])
                 or pad.output[0] in outputs):
             continue
-        value = float(consts[pad.input[2]].reshape(-1)[0]) if len(pad.input) > 2 and pad.input[2] in consts else (
-            None if len(pad.input) > 2 and pad.input[2] else 0.0)
+        given = pad.input[2] if len(pad.input) > 2 else ""  # the pad value: absent = 0, not constant = unknown
+        value = float(consts[given].reshape(-1)[0]) if given in consts else None if given else 0.0
         pads = [int(v) for v in consts[pad.input[1]].reshape(-1)]
         rank = len(pads) // 2
         users = readers.get(pad.output[0], [])
@@ -324,14 +325,9 @@ def fold_pads_onnx(model: onnx.ModelProto) -> int:
             continue
         spatial = rank - 2
         for u in users:
-            a = {x.name: onnx.helper.get_attribute_value(x) for x in u.attribute}
-            own = list(a.get("pads", [0] * 2 * spatial))
-            merged = [own[i] + pads[2 + i] for i in range(spatial)] + [own[spatial + i] + pads[rank + 2 + i]
-                                                                       for i in range(spatial)]
-            for x in list(u.attribute):
-                if x.name == "pads":
-                    u.attribute.remove(x)
-            u.attribute.append(onnx.helper.make_attribute("pads", merged))
+            own = list(_attrs(u).get("pads", [0] * 2 * spatial))
+            _set_attr(u, "pads", [own[i] + pads[2 + i] for i in range(spatial)]
+                      + [own[spatial + i] + pads[rank + 2 + i] for i in range(spatial)])
             u.input[0] = pad.input[0]
         folded.append(pad)
     for pad in folded:
@@ -344,14 +340,18 @@ def fold_pads_onnx(model: onnx.ModelProto) -> int:
 
 def _absorbs_pad(node: onnx.NodeProto, padded: str, value: float) -> bool:
     """Whether ``node`` computes the same from ``padded``'s unpadded input with the pad in its ``pads``."""
-    a = {x.name: onnx.helper.get_attribute_value(x) for x in node.attribute}
+    a = _attrs(node)
     if node.input[0] != padded or a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
         return False
     return ((node.op_type == "Conv" and value == 0.0)
             or (node.op_type == "MaxPool" and value == -math.inf and not a.get("ceil_mode", 0)))
 
 
-def _set_attr(node: onnx.NodeProto, name: str, value: float) -> None:
+def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _set_attr(node: onnx.NodeProto, name: str, value: Any) -> None:
     for a in list(node.attribute):
         if a.name == name:
             node.attribute.remove(a)

@@ -503,7 +503,7 @@ def measure(
     from memplan.analyze import analyze
     from memplan.onnx_frontend import analyze_onnx, load_onnx, set_input_dims
     from memplan.onnx_ort import analyze_ort_optimized
-    from memplan.ort_runtime import plan_ort, predict_ort, simulate_bfc_arena
+    from memplan.ort_runtime import RUNTIMES, plan_ort, sample_orders, worst_plan
     from memplan.specs import default_input, load_model
 
     is_onnx = isinstance(model, (str, Path)) and str(model).endswith(".onnx")
@@ -536,11 +536,10 @@ def measure(
             export_onnx(module, x, path, random_samples=1)
         theory.append(Estimate("onnxruntime's optimized graph",
                                analyze_ort_optimized(path, input_shapes=[shape]).peak_bytes))
-        plan = predict_ort(path, [shape])
-        arena = simulate_bfc_arena([(kind, id(b), b.nbytes) for _, kind, b in plan.events()])
-        theory += [Estimate("predicted: --runtime ort", plan.peak_bytes),
-                   Estimate("predicted: --runtime ort-arena", arena.touched_bytes + plan.input_bytes),
-                   Estimate("predicted: --runtime ort-noreuse", plan_ort(plan.graph, reuse_freed=False).peak_bytes)]
+        orders = sample_orders(path, [shape])  # every runtime planned on the same sampled orders
+        plan = worst_plan(orders)
+        theory += [Estimate(f"predicted: --runtime {runtime}", worst_plan(orders, runtime).peak_bytes)
+                   for runtime in RUNTIMES]
         measured += [measure_onnxruntime(path, [shape], arena=a, threads=threads, repeats=repeats, runs=runs)
                      for a in (False, True)]
         measured.append(measure_onnxruntime(path, [shape], threads=threads, repeats=repeats, runs=runs,

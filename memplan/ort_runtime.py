@@ -163,6 +163,13 @@ def _ints(node: OrtNode, name: str, rank: int, default: int) -> list[int]:
     return [int(x) for x in v] if v else [default] * rank
 
 
+def _direct_pointwise(node: OrtNode, kernel: int, rank: int) -> bool:
+    """A 1-tap conv with stride 1 and no padding reads its input in place (no im2col, no indirection):
+    onnxruntime's ``kernel_size == 1 && HasStridesOneAndNoPadding()``."""
+    return (kernel == 1 and all(v == 1 for v in _ints(node, "strides", rank, 1))
+            and all(v == 0 for v in _ints(node, "pads", 2 * rank, 0)))
+
+
 def _qlinearconv_scratch(node: OrtNode, g: OrtGraph) -> list[tuple[str, int]]:
     """The temporary buffers of onnxruntime's ``QLinearConv`` kernel (``qlinearconv.cc``), in the order
     ``Compute`` allocates them; each lives while the kernel runs.
@@ -213,8 +220,7 @@ def _qlinearconv_scratch(node: OrtNode, g: OrtGraph) -> list[tuple[str, int]]:
         blocks.append(("int32 accumulator", 4 * m * out_image))
     if not channels_last:
         blocks += [("channels-last input", act * (c * in_image + overrun)), ("channels-last output", act * m * out_image)]
-    pointwise = (kernel == 1 and all(v == 1 for v in _ints(node, "strides", rank, 1))
-                 and all(v == 0 for v in _ints(node, "pads", 2 * rank, 0)))
+    pointwise = _direct_pointwise(node, kernel, rank)
     if depthwise or (not pointwise and symmetric):
         blocks.append(("indirection buffer", 8 * kernel * out_image))
     elif not pointwise:
@@ -232,8 +238,7 @@ def _convinteger_scratch(node: OrtNode, g: OrtGraph) -> list[tuple[str, int]]:
         return []
     rank = len(wdims) - 2
     kernel = _numel(wdims[2:])
-    if (kernel == 1 and all(v == 1 for v in _ints(node, "strides", rank, 1))
-            and all(v == 0 for v in _ints(node, "pads", 2 * rank, 0))):
+    if _direct_pointwise(node, kernel, rank):
         return []
     return [("im2col", wdims[1] * kernel * _numel(yshape[2:]))]
 
@@ -289,7 +294,7 @@ class OrtGraph:
     input_shapes: list[tuple[int, ...]] = field(default_factory=list)
     param_bytes: int = 0
     constants: dict[str, Constant] = field(default_factory=dict)  # initializers: dtype, dims, small values
-    dtypes: dict[str, str] = field(default_factory=dict)  # activation -> element type ("float", "uint8", ...)
+    dtypes: dict[str, str] = field(default_factory=dict)  # activation -> numpy element type ("float32", "uint8", ...)
 
 
 @dataclass(frozen=True)
@@ -740,6 +745,34 @@ def _order_key(g: OrtGraph) -> tuple:
     return tuple((n.op_type, tuple(g.shapes.get(t, ()) for t in n.outputs if t)) for n in g.nodes)
 
 
+def sample_orders(path: str | Path, input_shapes: Sequence[Sequence[int]] | None = None, *, sessions: int = 2,
+                  max_sessions: int = 5) -> list[OrtGraph]:
+    """The graph onnxruntime runs for ``path`` in each distinct execution order seen over ``sessions``
+    sessions, or up to ``max_sessions`` when their orders differ (:func:`predict_ort`)."""
+    graphs: dict[tuple, OrtGraph] = {}
+    for k in range(max(1, max_sessions)):
+        if k >= max(1, sessions) and len(graphs) == 1:
+            break  # the sessions so far agree: onnxruntime's order for this graph is fixed
+        g = load_ort_graph(path, input_shapes)
+        graphs.setdefault(_order_key(g), g)
+    return list(graphs.values())
+
+
+def worst_plan(graphs: Sequence[OrtGraph], runtime: str = "ort") -> OrtPlan:
+    """The ``runtime`` plan of the order in ``graphs`` with the highest peak, with ``orders_seen`` and
+    ``peak_range`` over all of them."""
+    if runtime not in RUNTIMES:
+        raise MemplanError(f"unknown runtime '{runtime}' (use {' or '.join(RUNTIMES)})")
+    plans = [plan_ort(g, reuse_freed=runtime != "ort-noreuse") for g in graphs]
+    peaks = sorted(p.peak_bytes for p in plans)
+    plan = max(plans, key=lambda p: p.peak_bytes)
+    plan.orders_seen, plan.peak_range = len(plans), (peaks[0], peaks[-1])
+    plan.runtime = runtime
+    if runtime == "ort-arena":
+        plan.arena = simulate_bfc_arena([(kind, id(b), b.nbytes) for _, kind, b in plan.events()])
+    return plan
+
+
 def predict_ort(
     path: str | Path, input_shapes: Sequence[Sequence[int]] | None = None, *, runtime: str = "ort",
     sessions: int = 2, max_sessions: int = 5,
@@ -753,25 +786,14 @@ def predict_ort(
     onnxruntime's execution order is not always the same from one session to the next: at its
     default level the NCHWc layout pass inserts nodes in an order that varies, and a graph of
     parallel branches (a patched model, inception blocks) then runs its branches in another order.
-    ``sessions`` sessions are sampled; if their orders differ, up to ``max_sessions``. The plan
-    returned is the order with the highest peak (the one a deployment must fit), with
-    ``orders_seen`` and ``peak_range`` saying how far the orders seen differ.
+    ``sessions`` sessions are sampled; if their orders differ, up to ``max_sessions``
+    (:func:`sample_orders`). The plan returned is the order with the highest peak (the one a
+    deployment must fit), with ``orders_seen`` and ``peak_range`` saying how far the orders seen
+    differ (:func:`worst_plan`); to compare runtimes on the same orders, plan one sample with both.
     """
     if runtime not in RUNTIMES:
         raise MemplanError(f"unknown runtime '{runtime}' (use {' or '.join(RUNTIMES)})")
-    plans: dict[tuple, OrtPlan] = {}
-    for k in range(max(1, max_sessions)):
-        if k >= max(1, sessions) and len(plans) == 1:
-            break  # the sessions so far agree: onnxruntime's order for this graph is fixed
-        g = load_ort_graph(path, input_shapes)
-        plans.setdefault(_order_key(g), plan_ort(g, reuse_freed=runtime != "ort-noreuse"))
-    peaks = sorted(p.peak_bytes for p in plans.values())
-    plan = max(plans.values(), key=lambda p: p.peak_bytes)
-    plan.orders_seen, plan.peak_range = len(plans), (peaks[0], peaks[-1])
-    plan.runtime = runtime
-    if runtime == "ort-arena":
-        plan.arena = simulate_bfc_arena([(kind, id(b), b.nbytes) for _, kind, b in plan.events()])
-    return plan
+    return worst_plan(sample_orders(path, input_shapes, sessions=sessions, max_sessions=max_sessions), runtime)
 
 
 def plan_report(plan: OrtPlan) -> MemoryReport:

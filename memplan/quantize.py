@@ -158,7 +158,8 @@ def quantize_onnx(fp32_path: str | Path, out_path: str | Path, calibration: np.n
     target = check_destination(out_path)
     import onnx
 
-    input_name = onnx.load(str(fp32_path), load_external_data=False).graph.input[0].name
+    source = onnx.load(str(fp32_path), load_external_data=False)
+    input_name = source.graph.input[0].name
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -179,7 +180,7 @@ def quantize_onnx(fp32_path: str | Path, out_path: str | Path, calibration: np.n
         except Exception as e:  # noqa: BLE001 - onnxruntime's tools raise anything
             raise MemplanError(f"onnxruntime could not quantize '{fp32_path}': {describe_error(e)}") from None
         model = onnx.load(str(quantized))
-        restore_order(model, onnx.load(str(fp32_path), load_external_data=False))
+        restore_order(model, source)
         onnx.save(model, str(quantized))
         ref, got = _outputs(str(fp32_path), check.astype(np.float32)), _outputs(str(quantized), check.astype(np.float32))
         diff = float(np.abs(ref - got).max())

@@ -154,11 +154,12 @@ def onnx_report(model: nn.Module, plan: PatchPlan, path: str | Path, *, measure:
         doc["onnx_stream_peak_bytes"] = max(live_bytes([lt for lt in report.lifetimes if lt.storage not in inputs],
                                                        len(report.order)))
     if measure:
-        from memplan.ort_runtime import predict_ort
+        from memplan.ort_runtime import sample_orders, worst_plan
 
-        for key, reuse in (("", True), ("_noreuse", False)):  # onnxruntime's default; enable_mem_reuse off
-            doc[f"ort{key}_predicted_peak_bytes"] = predict_ort(
-                path, [plan.input_shape], runtime="ort" if reuse else "ort-noreuse").peak_bytes
+        orders = sample_orders(path, [plan.input_shape])  # both settings planned on the same orders
+        # onnxruntime's default session, and one with enable_mem_reuse off
+        for key, runtime, reuse in (("", "ort", True), ("_noreuse", "ort-noreuse", False)):
+            doc[f"ort{key}_predicted_peak_bytes"] = worst_plan(orders, runtime).peak_bytes
             doc[f"ort{key}_measured_peak_bytes"] = measure_onnxruntime(path, [plan.input_shape], arena=False, runs=1,
                                                                        mem_reuse=reuse).peak_bytes
     return doc

@@ -174,7 +174,7 @@ def remeasure_onnx(doc: dict, names: list[str]) -> None:
         model = build(name)
         for r in rows:
             plan = PatchPlan(r["split_node"], tuple(r["patches"]), tuple(r["input_shape"]), r["stream_input"],
-                             r["halo"])
+                             r["halo"], r.get("pace", "split"))
             r.update(onnx_columns(model, plan))
             write_json(doc, str(RESULTS))
             print_table([r])

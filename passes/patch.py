@@ -27,8 +27,12 @@ one output row at a time instead of its whole crop.
 
 Halos are recomputed by every patch (MCUNetV2; any grid, more MACs) or, with ``halo="cache"``,
 cached: full-width row bands run top to bottom, every node computes only the rows no earlier band
-computed and keeps a clone of the rows the next band shares with it (a line buffer), so every row is
-computed once; the first band still spans the receptive field of its first output row.
+computed and keeps a clone of the rows a later band reads again (a line buffer), so every row is
+computed once. Bands are paced by the split map (each delivers a tile of its rows; the first spans
+the receptive field of its first row) or by the input (each makes a tile of input rows available and
+every node computes what it then can: a line-buffer pipeline). ``halo="mixed"`` keeps no rows of
+row-local ops that are wider than their inputs (an inverted residual's expansion) and recomputes
+them from the narrower kept rows instead.
 
 The split point and grid are chosen by a fast estimate (the unpatched graph's liveness with every
 tensor scaled to its per-patch region) and confirmed on the best few by analysing the real patched
@@ -78,7 +82,8 @@ __all__ = [
 ]
 
 TARGETS = ("torch", "onnx")
-HALOS = ("auto", "recompute", "cache")
+HALOS = ("auto", "recompute", "cache", "mixed")
+PACES = ("split", "input")  # what drives cached row bands: rows of the split map, or of the input
 Range = tuple[int, int]  # [lo, hi) along one spatial axis
 _CALLS = ("call_module", "call_function", "call_method")
 
@@ -436,22 +441,137 @@ def _computed(need: Range, done: dict[str, int] | None, name: str) -> Range:
     return need if done is None else (max(need[0], done.get(name, need[0])), need[1])
 
 
+@dataclass(frozen=True)
+class _Band:
+    """One row band of a cached-halo schedule: the rows each node holds in it (``need``), what each
+    op reads of each input (unclipped), the rows each node computed before it (``done``), the first
+    row a later band reads again of each node (``keep``: the line buffer) and the split map's rows
+    it delivers (``out``, None when it only fills line buffers)."""
+
+    need: dict[str, Range]
+    reads: dict[tuple[str, str], Range]
+    done: dict[str, int]
+    keep: dict[str, int]
+    out: Range | None
+
+
 def _band_regions(
-    gm: fx.GraphModule, cand: Candidate, ops: dict[str, LocalOp], parts: int, distinct: bool = False
-) -> list[tuple[dict[str, Range], dict[tuple[str, str], Range], dict[str, int]]]:
-    """Row regions of every band when each row is computed once (halo rows cached between bands):
-    per band the rows each node must hold, what each op reads, and the rows computed before it."""
+    gm: fx.GraphModule, cand: Candidate, ops: dict[str, LocalOp], parts: int, distinct: bool = False,
+    pace: str = "split", lean: bool = False, stream: bool = False,
+) -> list[_Band]:
+    """Row regions of every band when each row is computed once (halo rows cached between bands).
+
+    ``pace="split"``: band ``i`` delivers the ``i``-th of ``parts`` row tiles of the split map and
+    computes everything it needs (the first band spans the receptive field of its first row).
+    ``pace="input"``: band ``i`` makes the ``i``-th of ``parts`` row tiles of the input available
+    and every node computes all rows it then can (a line-buffer pipeline: no band holds a whole
+    receptive field; the first bands deliver no split rows, the last delivers the rows still due).
+    ``lean``: the nodes :func:`_recomputed` names keep no rows; each band recomputes the rows its
+    readers need from their narrower inputs (an inverted residual's expansion), which keep them.
+    """
+    if pace not in PACES:
+        raise PatchError(f"unknown band pace '{pace}' (use {' or '.join(PACES)})")
+    rec = _recomputed(gm, cand, ops, stream) if lean else set()
+    steps = _split_paced(gm, cand, ops, parts, distinct, rec) if pace == "split" else \
+        _input_paced(gm, cand, ops, parts, distinct, rec)
+    keeps: list[dict[str, int]] = []
+    later: dict[str, int] = {}
+    for need, _ in reversed(steps):  # the lowest row any later band reads of each node
+        keeps.append(dict(later))
+        for name, (lo, _) in need.items():
+            if name not in rec:
+                later[name] = min(lo, later.get(name, lo))
+    keeps.reverse()
     done: dict[str, int] = {}
-    start: dict[str, int] = {}
+    tail: dict[str, Range] = {}  # the rows an earlier band kept
     out = []
+    for (need, reads), keep in zip(steps, keeps):
+        need = {name: _hull(tail.pop(name, None), r) for name, r in need.items()}
+        split = need.get(cand.node)
+        out.append(_Band(need, reads, dict(done), keep, split if split and split[0] < split[1] else None))
+        for name, (_, hi) in need.items():
+            if name in rec:
+                continue
+            done[name] = max(done.get(name, 0), hi)
+            if name in keep and keep[name] < hi:
+                tail[name] = (keep[name], hi)
+    return out
+
+
+def _recomputed(gm: fx.GraphModule, cand: Candidate, ops: dict[str, LocalOp], stream: bool) -> set[str]:
+    """Prefix nodes whose rows are cheaper to recompute than to keep: row-local ops (pointwise, or
+    windows of one row and stride 1, e.g. a 1x1 conv) whose inputs, kept (or recomputed in turn),
+    take fewer bytes per row than their own output. A resident input costs nothing to re-read."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    x = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    cost: dict[str, float] = {x.name: _row_bytes(x) if stream else 0.0}
+    rec = set()
+    for name in cand.prefix:
+        n, op = nodes[name], ops[name]
+        own = _row_bytes(n)
+        w = op.windows[0]
+        ins = [a.name for a in n.all_input_nodes if a.name in cost and not _param_side_node(a)]
+        if name != cand.node and ins and (op.kind == "pointwise" or (w.kernel, w.stride) == (1, 1)):
+            again = sum(cost[a] for a in ins)
+            if again < own:
+                rec.add(name)
+                own = again
+        cost[name] = own
+    return rec
+
+
+def _split_paced(gm: fx.GraphModule, cand: Candidate, ops: dict[str, LocalOp], parts: int,
+                 distinct: bool, rec: set[str]) -> list[tuple[dict[str, Range], dict[tuple[str, str], Range]]]:
+    done: dict[str, int] = {}
+    steps = []
     for tile in _tiles(cand.shape[2], parts, distinct):
         need, reads = _axis_regions(gm, cand, ops, 0, tile, done)
-        if any(lo < start.get(name, lo) for name, (lo, _) in need.items()):
-            raise PatchError("a band needs rows above the previous band's: the halo cannot be cached")
-        out.append((need, reads, dict(done)))
-        for name, (lo, hi) in need.items():
-            done[name], start[name] = max(done.get(name, 0), hi), lo
-    return out
+        steps.append((need, reads))
+        for name, (_, hi) in need.items():
+            if name not in rec:
+                done[name] = max(done.get(name, 0), hi)
+    return steps
+
+
+def _input_paced(gm: fx.GraphModule, cand: Candidate, ops: dict[str, LocalOp], parts: int,
+                 distinct: bool, rec: set[str]) -> list[tuple[dict[str, Range], dict[tuple[str, str], Range]]]:
+    nodes = {n.name: n for n in gm.graph.nodes}
+    total, _ = _axis_regions(gm, cand, ops, 0, (0, cand.shape[2]))
+    x = next(n.name for n in gm.graph.nodes if n.op == "placeholder")
+    prefix = [name for name in cand.prefix if name in total]
+    inside = set(prefix) | {x}
+    ins = {name: [a.name for a in nodes[name].all_input_nodes if a.name in inside and not _param_side_node(a)]
+           for name in prefix}
+    done = {name: lo for name, (lo, _) in total.items()}
+    steps = []
+    lo_x, hi_x = total.get(x, (0, 0))
+    for _, f in _tiles(hi_x - lo_x, parts, distinct):
+        avail = {x: lo_x + f}
+        for name in prefix:  # every row each node can compute from the rows its inputs have
+            op, hi = ops[name], total[name][1]
+            if op.kind == "pointwise":
+                can = min(avail[a] for a in ins[name])
+            else:
+                a = ins[name][0]
+                can = hi if avail[a] >= total[a][1] else done[name]
+                while can < hi and op.windows[0].input_range((can, can + 1))[1] <= avail[a]:
+                    can += 1
+            avail[name] = max(min(can, hi), done[name])
+        need: dict[str, Range] = {}
+        reads: dict[tuple[str, str], Range] = {}
+        for name in reversed(prefix):  # readers first: a recomputed node makes what they read
+            rows = need.get(name) if name in rec else (done[name], avail[name])
+            if rows is None or rows[0] >= rows[1]:
+                continue
+            need[name] = _hull(need.get(name), rows)
+            op = ops[name]
+            for a in ins[name]:
+                r = op.windows[0].input_range(rows) if op.kind != "pointwise" else rows
+                reads[(name, a)] = r
+                need[a] = _hull(need.get(a), _clip(r, _shape(nodes[a])[2]))
+        steps.append((need, reads))
+        done.update(avail)
+    return steps
 
 
 # ------------------------------------------------------------------------------------------ results
@@ -463,12 +583,13 @@ class PatchPlan:
     grid: tuple[int, int]  # tiles along height, width
     input_shape: tuple[int, ...]
     stream_input: bool = False
-    halo: str = "recompute"  # or "cache": row bands that keep the rows the next band shares
+    halo: str = "recompute"  # or "cache"/"mixed": row bands that keep the rows a later band reads
+    pace: str = "split"  # cached bands: grid[0] row tiles of the split map, or of the input (PACES)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict."""
         return {"split_node": self.split_node, "grid": list(self.grid), "input_shape": list(self.input_shape),
-                "stream_input": self.stream_input, "halo": self.halo}
+                "stream_input": self.stream_input, "halo": self.halo, "pace": self.pace}
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> PatchPlan:
@@ -476,9 +597,12 @@ class PatchPlan:
         try:
             halo = str(doc.get("halo", "recompute"))
             if halo not in HALOS[1:]:
-                raise ValueError(f"halo must be recompute or cache, not {halo!r}")
+                raise ValueError(f"halo must be recompute, cache or mixed, not {halo!r}")
+            pace = str(doc.get("pace", "split"))
+            if pace not in PACES:
+                raise ValueError(f"pace must be split or input, not {pace!r}")
             return cls(str(doc["split_node"]), tuple(int(g) for g in doc["grid"]),  # type: ignore[arg-type]
-                       tuple(int(s) for s in doc["input_shape"]), bool(doc.get("stream_input", False)), halo)
+                       tuple(int(s) for s in doc["input_shape"]), bool(doc.get("stream_input", False)), halo, pace)
         except (KeyError, TypeError, ValueError) as e:
             raise PatchError(f"bad patch plan: {e!r}") from e
 
@@ -524,7 +648,7 @@ class PatchResult:
                 "split_shape": list(self.split_shape), "mac_overhead": round(self.mac_overhead, 6),
                 "macs": self.macs, "patched_macs": self.patched_macs, "max_abs_diff": self.max_abs_diff,
                 "output_scale": self.output_scale, "reduction": round(self.reduction, 4),
-                "stream_input": self.plan.stream_input, "halo": self.plan.halo,
+                "stream_input": self.plan.stream_input, "halo": self.plan.halo, "pace": self.plan.pace,
                 "input_shape": list(self.plan.input_shape),
                 "bounded_by": self.stop}
 
@@ -559,12 +683,14 @@ class _Builder:
     """Emits the patched graph for one candidate and grid."""
 
     def __init__(self, cg: CapturedGraph, ops: dict[str, LocalOp], cand: Candidate,
-                 grid: tuple[int, int], stream_input: bool, target: str = "torch", cache: bool = False) -> None:
+                 grid: tuple[int, int], stream_input: bool, target: str = "torch", halo: str = "recompute",
+                 pace: str = "split") -> None:
         if target not in TARGETS:
             raise PatchError(f"unknown target '{target}' (use {' or '.join(TARGETS)})")
+        cache = halo != "recompute"
         if cache and grid[1] != 1:
             raise PatchError(f"halo caching runs full-width row bands: grid {grid[0]}x{grid[1]} needs 1 column")
-        self.cache = cache
+        self.cache, self.pace, self.lean = cache, pace, halo == "mixed"
         self.tails: dict[str, fx.Node] = {}
         self.cg, self.ops, self.cand, self.grid, self.stream = cg, ops, cand, grid, stream_input
         self.target = target
@@ -582,32 +708,43 @@ class _Builder:
                 self.env[n.name] = g.node_copy(n, lambda a: self.env[a.name])
         H, W = cand.shape[2:]
         out = None
-        bands = []
+        bands: list[fx.Node] = []
+        band: list[fx.Node] = []
+
+        def place(tile: fx.Node, rows: Range, cols: Range) -> None:  # right after the tile: it dies here
+            nonlocal out
+            if self.target == "onnx":
+                band.append(tile)
+                return
+            if out is None:
+                batch = g.call_method("size", (tile, 0))
+                out = g.create_node("call_method", "new_zeros", (tile, (batch, *cand.shape[1:])),
+                                    name=f"{cand.node}_full")
+            view = g.call_function(operator.getitem, (out, _slices(rows, cols)))
+            g.call_method("copy_", (view, tile))
+
+        def end_row() -> None:
+            if band:
+                bands.append(band[0] if len(band) == 1 else g.call_function(torch.cat, (list(band), 3)))
+                band.clear()
+
         # the ONNX form gives every patch its own shape where the map allows: onnxruntime's planner
         # hands a freed buffer to the next tensor of the same shape and keeps it allocated from its
         # first user to its last, so equal patches would keep one buffer per layer through the loop
         distinct = self.target == "onnx"
-        cached = _band_regions(gm, cand, self.ops, self.grid[0], distinct) if self.cache else []
         if self.cache:
             self.cols = _axis_regions(gm, cand, self.ops, 1, (0, W))
-        for r, rows in enumerate(_tiles(H, self.grid[0], distinct)):
-            band = []
-            for c, cols in enumerate(_tiles(W, self.grid[1], distinct)):
-                if self.cache:
-                    tile = self._band(nodes, cached[r], cached[r + 1] if r + 1 < len(cached) else None, f"b{r}")
-                else:
-                    tile = self._patch(nodes, rows, cols, f"p{r}_{c}")
-                if self.target == "onnx":
-                    band.append(tile)
-                    continue
-                if out is None:
-                    batch = g.call_method("size", (tile, 0))
-                    out = g.create_node("call_method", "new_zeros", (tile, (batch, *cand.shape[1:])),
-                                        name=f"{cand.node}_full")
-                view = g.call_function(operator.getitem, (out, _slices(rows, cols)))
-                g.call_method("copy_", (view, tile))
-            if band:
-                bands.append(band[0] if len(band) == 1 else g.call_function(torch.cat, (band, 3)))
+            for i, b in enumerate(_band_regions(gm, cand, self.ops, self.grid[0], distinct, self.pace, self.lean,
+                                                self.stream)):
+                tile = self._band(nodes, b, f"b{i}")
+                if b.out is not None:
+                    place(tile, b.out, (0, W))
+                    end_row()
+        else:
+            for r, rows in enumerate(_tiles(H, self.grid[0], distinct)):
+                for c, cols in enumerate(_tiles(W, self.grid[1], distinct)):
+                    place(self._patch(nodes, rows, cols, f"p{r}_{c}"), rows, cols)
+                end_row()
         if bands:
             out = bands[0] if len(bands) == 1 else g.create_node("call_function", torch.cat, (bands, 2),
                                                                    name=f"{cand.node}_full")
@@ -684,13 +821,12 @@ class _Builder:
             have[name] = (need_h[name], need_w[name])
         return crop(self.nodes[self.cand.node], need_h[self.cand.node], need_w[self.cand.node])
 
-    def _band(self, nodes: list[fx.Node], band: tuple, nxt: tuple | None, tag: str) -> fx.Node:
+    def _band(self, nodes: list[fx.Node], band: _Band, tag: str) -> fx.Node | None:
         """One row band with halo caching: each node computes only rows no earlier band computed,
-        joins them to the rows the previous band left it (a clone of just those rows) and leaves
-        the next band the rows it will need again."""
+        joins them to the rows an earlier band left it (a clone of just those rows) and leaves a
+        later band the rows it will need again. Returns the split map's rows (None: none yet)."""
         gm, g = self.cg.gm, self.g
-        need, reads, done = band
-        next_need = nxt[0] if nxt is not None else {}
+        need, reads, done, keep = band.need, band.reads, band.done, band.keep
         need_w, reads_w = self.cols
         avail: dict[str, fx.Node] = {}
         extra: dict[str, int] = {}  # rows past the need at the end of a band tensor (never read)
@@ -703,8 +839,8 @@ class _Builder:
             parts = ([self.tails.pop(name)] if name in self.tails else []) + ([new] if new is not None else [])
             t = parts[0] if len(parts) == 1 else g.call_function(torch.cat, (parts, 2))
             avail[name], extra[name] = t, surplus
-            if name in next_need and next_need[name][0] < hi:
-                self.tails[name] = g.call_method("clone", (rows(t, (next_need[name][0] - lo, hi - lo)),))
+            if name in keep and keep[name] < hi:
+                self.tails[name] = g.call_method("clone", (rows(t, (keep[name] - lo, hi - lo)),))
 
         def crop(a: fx.Node, want: Range) -> fx.Node:
             have = need[a.name]
@@ -763,7 +899,7 @@ class _Builder:
             elif any(pad_h + pad_w):
                 src = g.call_function(F.pad, (src, (*pad_w, *pad_h)), {"value": op.pad_value})
             finish(name, g.create_node("call_function", op.call, (src,), kwargs, name=f"{name}_{tag}"), surplus)
-        return crop(self.nodes[self.cand.node], need[self.cand.node])
+        return crop(self.nodes[self.cand.node], need[self.cand.node]) if band.out is not None else None
 
     def _streamed_readers(self, x: fx.Node) -> set[str]:
         """The windowed ops that read a streamed input when all its readers are windowed ops whose
@@ -874,7 +1010,12 @@ class _Estimate:
     grid: tuple[int, int]
     peak: int
     macs: int
-    cache: bool = False
+    halo: str = "recompute"
+    pace: str = "split"
+
+    @property
+    def cache(self) -> bool:
+        return self.halo != "recompute"
 
 
 class _Estimator:
@@ -902,19 +1043,26 @@ class _Estimator:
                                for t in _tiles(cand.shape[2 + axis], parts)]
         return self._axis[key]
 
-    def estimate(self, cand: Candidate, grid: tuple[int, int], cache: bool = False) -> _Estimate:
+    def estimate(self, cand: Candidate, grid: tuple[int, int], halo: str = "recompute",
+                 pace: str = "split") -> _Estimate:
         g, last = self.report.graph, self.step[cand.node]
-        diff: list[np.ndarray] = [np.zeros(grid) for _ in range(last + 2)]
-        if cache:  # row bands: the rows each band holds, plus the rows it keeps for the next band
-            bands = _band_regions(self.cg.gm, cand, self.ops, grid[0])
-            regions = [[b[0] for b in bands], self._lengths(cand, 1, 1)]
-            for i, (need, _, _) in enumerate(bands[:-1]):
-                for name, (lo, _) in bands[i + 1][0].items():
-                    if name in need and lo < need[name][1]:  # kept from when the band computes them
-                        shape = _shape(self.nodes[name])
-                        diff[min(self.step.get(name, 0), last)][i] += \
-                            (need[name][1] - lo) * _meta_outputs(self.nodes[name])[0].nbytes / shape[2]
+        cache, lean = halo != "recompute", halo == "mixed"
+        if cache:  # row bands: the rows each band holds, plus the rows it keeps for a later band
+            bands = _band_regions(self.cg.gm, cand, self.ops, grid[0], pace=pace, lean=lean, stream=self.stream)
+            diff: list[np.ndarray] = [np.zeros(grid) for _ in range(last + 2)]
+            regions = [[b.need for b in bands], self._lengths(cand, 1, 1)]
+            held: dict[str, int] = {}  # rows kept across bands that do not read them
+            for i, b in enumerate(bands):
+                for name, rows in held.items():
+                    if name not in b.need:
+                        diff[0][i] += rows * _row_bytes(self.nodes[name])
+                for name, (_, hi) in b.need.items():
+                    held.pop(name, None)
+                    if name in b.keep and b.keep[name] < hi:  # kept from when the band computes them
+                        held[name] = hi - b.keep[name]
+                        diff[min(self.step.get(name, 0), last)][i] += held[name] * _row_bytes(self.nodes[name])
         else:
+            diff = [np.zeros(grid) for _ in range(last + 2)]
             regions = [self._lengths(cand, 0, grid[0]), self._lengths(cand, 1, grid[1])]
 
         def frac(axis: int, name: str, size: int) -> np.ndarray:
@@ -940,12 +1088,13 @@ class _Estimator:
         peak += (0 if self.stream else self.input_bytes) + split_bytes
         suffix = max(self.live[last + 1:] or [0])
         macs = self.total_macs
-        for name in cand.prefix if not cache else ():
-            if name in self.conv_macs and name in regions[0][0]:
+        again = _recomputed(self.cg.gm, cand, self.ops, self.stream) if lean else set()
+        for name in cand.prefix if not cache else again:
+            if name in self.conv_macs and any(name in r for r in regions[0]):
                 size = _shape(self.nodes[name])[2:]
                 area = frac(0, name, size[0]).sum() * frac(1, name, size[1]).sum()
                 macs += int(round(self.conv_macs[name] * (area - 1)))
-        return _Estimate(cand, grid, int(max(peak, suffix)), macs, cache)
+        return _Estimate(cand, grid, int(max(peak, suffix)), macs, halo, pace)
 
 
 # ------------------------------------------------------------------------------------------ the pass
@@ -1008,12 +1157,13 @@ def patch_model(
     stream_input: bool = False,
     max_mac_overhead: float | None = 0.2,
     max_grid: int = 8,
-    max_bands: int = 32,
+    max_bands: int = 128,
     verify: int = 3,
     check: bool = True,
     form: str = "deploy",
     target: str = "torch",
     halo: str = "auto",
+    pace: str | None = None,
 ) -> PatchResult:
     """Patch ``model``'s early part (module docstring) at the split and grid with the lowest peak.
 
@@ -1033,8 +1183,11 @@ def patch_model(
     different sizes where the map allows (no two patches of one shape, so onnxruntime's planner
     hands no patch's buffer on to the next and frees each after its last reader).
     ``halo``: ``"recompute"`` (MCUNetV2: every patch recomputes its halo; any grid), ``"cache"``
-    (full-width row bands top to bottom; the halo rows a band shares with the next are kept, so every
-    row is computed once and the MACs do not grow) or ``"auto"`` (both are searched).
+    (full-width row bands top to bottom; the halo rows a band shares with a later one are kept, so
+    every row is computed once and the MACs do not grow), ``"mixed"`` (cached bands, but row-local
+    ops wider than their inputs, such as an inverted residual's 1x1 expansion, keep no rows and
+    recompute them from their kept inputs: fewer bytes, some MACs) or ``"auto"`` (all are searched).
+    ``pace`` fixes what drives cached bands (:data:`PACES`, see :func:`_band_regions`; None: both).
     The model is deep-copied; the patched module does not share its parameters.
     """
     if halo not in HALOS:
@@ -1055,26 +1208,30 @@ def patch_model(
     est = _Estimator(cg, ops, base, stream_input)
     total_macs = est.total_macs
     grids = _grids(grid, max_grid)
-    modes = {"recompute": (False,), "cache": (True,), "auto": (False, True)}[halo]
-    if halo == "cache" and grid is not None and grids[0][1] != 1:
+    modes = HALOS[1:] if halo == "auto" else (halo,)
+    if halo in ("cache", "mixed") and grid is not None and grids[0][1] != 1:
         raise PatchError(f"halo caching runs full-width row bands: grid {grids[0][0]}x{grids[0][1]} needs 1 column")
     estimates = []
+    paces = PACES if pace is None else (pace,)
     for c in cands:
-        for cache in modes:  # cached row bands: any number of bands up to one row of the split map each
-            options = grids if grid is not None or not cache else [(r, 1) for r in range(2, max_bands + 1)]
-            estimates += [est.estimate(c, gr, cache) for gr in options
-                          if gr[0] <= c.shape[2] and gr[1] <= c.shape[3] and (gr[1] == 1 or not cache)]
+        for mode in modes:  # cached row bands: up to one row of the split map (or of the input) each
+            cache = mode != "recompute"
+            for p in paces if cache else ("split",):
+                rows = c.shape[2] if p == "split" else x.shape[2]
+                options = grids if grid is not None or not cache else [(r, 1) for r in _band_counts(rows, max_bands)]
+                estimates += [est.estimate(c, gr, mode, p) for gr in options
+                              if gr[0] <= rows and gr[1] <= c.shape[3] and (gr[1] == 1 or not cache)]
     if not estimates:
         raise PatchError(f"no grid fits the split maps of {cg.model_name}")
     ranked = _rank(estimates, budget, max_mac_overhead, total_macs, grid is not None)
     if len(modes) > 1:  # verify the best of each halo mode: their estimates err differently
-        by_mode = [[e for e in ranked if e.cache == m] for m in modes]
+        by_mode = [[e for e in ranked if e.halo == m] for m in modes]
         ranked = [e for pair in itertools.zip_longest(*by_mode) for e in pair if e is not None]
     # verify different splits first: the estimate's error depends on the split far more than on the grid
-    firsts: dict[tuple[str, bool], _Estimate] = {}  # the best estimate of each split (and halo mode)
-    finest: dict[tuple[str, bool], _Estimate] = {}  # and, for cached bands, its most bands: under-rated
+    firsts: dict[tuple[str, str, str], _Estimate] = {}  # the best estimate of each split (and halo mode)
+    finest: dict[tuple[str, str, str], _Estimate] = {}  # and, for cached bands, its most bands: under-rated
     for e in ranked:
-        key = (e.cand.node, e.cache)
+        key = (e.cand.node, e.halo, e.pace)
         firsts.setdefault(key, e)
         if e.cache and (key not in finest or e.grid[0] > finest[key].grid[0]):
             finest[key] = e
@@ -1087,11 +1244,11 @@ def patch_model(
                          f"{lowest.grid[0]}x{lowest.grid[1]})")
     limit = None if grid is not None or budget is not None or max_mac_overhead is None else 1 + max_mac_overhead
     best: tuple[tuple, int, int, fx.GraphModule, _Estimate, MemoryReport] | None = None
-    accepted: set[tuple[str, bool]] = set()  # splits (and halo modes) verified
+    accepted: set[tuple[str, str, str]] = set()  # splits (and halo modes, paces) verified
     for e in ranked[:6 * max(1, verify)]:
-        if (e.cand.node, e.cache) not in accepted and len(accepted) >= verify:
+        if (e.cand.node, e.halo, e.pace) not in accepted and len(accepted) >= verify:
             break
-        module = _Builder(cg, ops, e.cand, e.grid, stream_input, target, e.cache).build()
+        module = _Builder(cg, ops, e.cand, e.grid, stream_input, target, e.halo, e.pace).build()
         peak, rep, macs = measure_patched(module, x, stream_input=stream_input, form=form)
         over = macs / total_macs if total_macs else 1.0
         if limit is not None and over > limit:
@@ -1100,7 +1257,7 @@ def patch_model(
         key = (0 if fits else 1, over if budget is not None and fits else peak, over)
         if best is None or key < best[0]:
             best = (key, peak, macs, module, e, rep)
-        accepted.add((e.cand.node, e.cache))
+        accepted.add((e.cand.node, e.halo, e.pace))
         if budget is not None and fits:
             break
     if best is None:
@@ -1112,7 +1269,7 @@ def patch_model(
                          f"about {min(peak, lowest.peak):,} bytes (split '{lowest.cand.node}', grid "
                          f"{lowest.grid[0]}x{lowest.grid[1]})")
     plan = PatchPlan(chosen.cand.node, chosen.grid, tuple(x.shape), stream_input,
-                     "cache" if chosen.cache else "recompute")
+                     chosen.halo, chosen.pace)
     return _result(model, module, plan, base.peak_bytes, peak, total_macs, macs, chosen.cand, stop, rep, check)
 
 
@@ -1135,7 +1292,7 @@ def apply_plan(model: nn.Module, plan: PatchPlan, *, check: bool = True, form: s
     """
     r = patch_model(model, plan.input_shape, grid=plan.grid, split_node=plan.split_node,
                     stream_input=plan.stream_input, max_mac_overhead=None, verify=1, check=check, form=form,
-                    target=target, halo=plan.halo)
+                    target=target, halo=plan.halo, pace=plan.pace)
     return r
 
 
@@ -1146,6 +1303,17 @@ def _node_macs(cg: CapturedGraph, n: fx.Node) -> int:
     else:
         w = _shape(_normalized(gm, n)["weight"])
     return math.prod(_shape(n)) * math.prod(w[1:])
+
+
+def _band_counts(rows: int, most: int) -> list[int]:
+    """Band counts the search tries over ``rows`` rows: every count up to 16, then the counts that
+    divide the rows evenly and a 1.25x ladder, up to ``most``."""
+    ladder, k = set(range(2, 17)), 16
+    while k < most:
+        k = math.ceil(k * 1.25)
+        ladder.add(k)
+    ladder |= {d for d in range(17, most + 1) if rows % d == 0}
+    return sorted(n for n in ladder if n <= min(rows, most))
 
 
 def _grids(grid: int | tuple[int, int] | None, max_grid: int) -> list[tuple[int, int]]:

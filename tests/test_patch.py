@@ -141,22 +141,74 @@ def test_mixed_net_outputs_equal(grid, stream):
     assert r.mac_overhead >= 1.0
 
 
-@pytest.mark.parametrize("bands", [2, 3, 6])
+@pytest.mark.parametrize("bands", [2, 3, 6, 11])
 @pytest.mark.parametrize("stream", [False, True])
-def test_cached_row_bands_exact_and_no_extra_macs(bands, stream):
-    """Halo caching: every row computed once (the MACs do not grow), outputs equal, at every split."""
+@pytest.mark.parametrize("pace", ["split", "input"])
+def test_cached_row_bands_exact_and_no_extra_macs(bands, stream, pace):
+    """Halo caching: every row computed once (the MACs do not grow), outputs equal, at every split,
+    bands paced by the split map or by the input."""
     net = _seeded(Mixed())
     cg = capture(net, torch.empty(1, 3, 37, 41))
     _, cands, _ = local_ops(cg)
     for cand in cands[::2]:
-        if bands > cand.shape[2]:
+        if bands > cand.shape[2] and pace == "split":
             continue
         r = patch_model(net, (1, 3, 37, 41), grid=(bands, 1), split_node=cand.node, halo="cache",
-                        stream_input=stream, verify=1)
+                        stream_input=stream, verify=1, pace=pace)
         _assert_equal(r)
-        assert r.plan.halo == "cache"
+        assert (r.plan.halo, r.plan.pace) == ("cache", pace)
         # every row once, but for the top band's few surplus rows (fewer where a floor pool drops rows)
         assert r.mac_overhead <= 1.05
+
+
+class Inverted(nn.Module):
+    """Two MobileNetV2 inverted residuals (1x1 expansion 4 -> 24, depthwise 3x3, 1x1 projection),
+    the second one strided, after a strided stem."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, 2, 1), nn.BatchNorm2d(4), nn.ReLU6())
+
+        def block(stride: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(4, 24, 1), nn.BatchNorm2d(24), nn.ReLU6(),
+                                 nn.Conv2d(24, 24, 3, stride, 1, groups=24), nn.BatchNorm2d(24), nn.ReLU6(),
+                                 nn.Conv2d(24, 4, 1), nn.BatchNorm2d(4))
+
+        self.b1, self.b2 = block(1), block(2)
+        self.head = nn.Conv2d(4, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.stem(x)
+        y = y + self.b1(y)
+        return self.head(self.b2(y)).mean((2, 3))
+
+
+@pytest.mark.parametrize("pace", ["split", "input"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_mixed_halo_recomputes_expansions_instead_of_keeping_them(pace, stream):
+    """halo="mixed": the 24-channel expansions (1x1 conv, BN, ReLU6) keep no rows between bands; each
+    band recomputes the ones its depthwise conv reads from the 4-channel rows kept instead. Exact,
+    lower peak than caching everything, more MACs."""
+    import operator
+
+    net, shape = _seeded(Inverted()), (1, 3, 48, 40)
+    split = "b2_7"
+    kw = dict(grid=(8, 1), split_node=split, stream_input=stream, verify=1, pace=pace)
+    cached, mixed = patch_model(net, shape, halo="cache", **kw), patch_model(net, shape, halo="mixed", **kw)
+    _assert_equal(mixed)
+    assert mixed.plan.halo == "mixed"
+
+    def kept_channels(r):  # channels of every tensor a band keeps for a later one
+        return {n.meta["tensor_meta"].shape[1] for n in r.module.graph.nodes
+                if n.op == "call_method" and n.target == "clone" and n.args[0].target is operator.getitem
+                and n.args[0].args[0].op != "placeholder" and "tensor_meta" in n.meta}
+
+    from torch.fx.passes.shape_prop import ShapeProp
+    for r in (cached, mixed):
+        ShapeProp(r.module).propagate(torch.randn(shape))
+    assert 24 in kept_channels(cached) and 24 not in kept_channels(mixed)
+    assert mixed.patched_peak_bytes < cached.patched_peak_bytes
+    assert mixed.patched_macs > cached.patched_macs
 
 
 def test_cached_functional_net_exact():
@@ -264,9 +316,27 @@ def test_cached_patched_peak_of_a_chain_by_hand():
     288 + conv 144 = 528. MACs: 4 + 3 rows instead of 6."""
     net = Chain().eval()
     for stream, peak in ((False, 624), (True, 528)):
-        r = patch_model(net, (1, 1, 6, 6), grid=(2, 1), split_node="relu", halo="cache", stream_input=stream)
+        r = patch_model(net, (1, 1, 6, 6), grid=(2, 1), split_node="relu", halo="cache", stream_input=stream,
+                        pace="split")
         assert r.patched_peak_bytes == peak
         assert (r.macs, r.patched_macs) == (6 * 6 * 2 * 9, 7 * 6 * 2 * 9)
+        _assert_equal(r)
+
+
+def test_input_paced_bands_of_a_chain_by_hand():
+    """The chain in three bands paced by the input (2 rows each). Band 0 (input rows 0..1) can make
+    conv row 0 only (row 1 reads input row 2): the conv runs with its own padding on rows 0..1, its
+    second output row surplus (96 B), ReLU in place: input 144 + 96 + map 288 = 528. Band 1 (rows
+    ..3) makes conv rows 1..2 from input rows 0..3, no padding: 144 + 96 + 288 = 528. Band 2 makes
+    the rest, rows 3..5, from rows 2..5 and the free bottom pad: 144 + 144 + 288 = 576 (the split
+    pace's first band, 624, is gone). Streamed, band 1 joins the 2 input rows band 0 kept to its 2
+    new ones (cat 96 B) and keeps rows 2..3 (48 B) for band 2: map 288 + 96 + 48 + conv 96 = 528."""
+    net = Chain().eval()
+    for stream, peak in ((False, 576), (True, 528)):
+        r = patch_model(net, (1, 1, 6, 6), grid=(3, 1), split_node="relu", halo="cache", stream_input=stream,
+                        pace="input")
+        assert r.patched_peak_bytes == peak
+        assert (r.macs, r.patched_macs) == (6 * 6 * 2 * 9, 7 * 6 * 2 * 9)  # band 0's surplus row
         _assert_equal(r)
 
 
@@ -352,6 +422,11 @@ def test_plan_round_trip(tmp_path):
     _assert_equal(again)
     with pytest.raises(PatchError, match="bad patch plan"):
         PatchPlan.from_json({"grid": [2]})
+    paced = patch_model(net, (1, 3, 37, 41), grid=(7, 1), halo="mixed", pace="input")
+    assert PatchPlan.from_json(json.loads(json.dumps(paced.plan.to_json()))) == paced.plan
+    assert apply_plan(net, paced.plan).patched_peak_bytes == paced.patched_peak_bytes
+    with pytest.raises(PatchError, match="pace must be split or input"):
+        PatchPlan.from_json({**paced.plan.to_json(), "pace": "diagonal"})
 
 
 # ------------------------------------------------------------------------------------------ ONNX

@@ -66,7 +66,8 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="count the input image per patch (streamed rows) instead of resident")
     p.add_argument("--halo", choices=HALOS, default="auto",
                    help="recompute each patch's halo (MCUNetV2), cache it between full-width row bands "
-                        "(every row computed once), or search both (default)")
+                        "(every row computed once), mixed (cached, but an expansion's rows recomputed from "
+                        "its narrower input), or search all (default)")
     p.add_argument("--max-overhead", type=float, default=0.2, metavar="FRACTION",
                    help="without --patches/--budget: most extra MACs allowed (default 0.2 = 20%%)")
     p.add_argument("--out", metavar="DIR", help="write DIR/plan.json and DIR/patched.pt (state_dict)")
@@ -74,6 +75,11 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--measure", action="store_true", help="with --onnx: measure onnxruntime's peak (child RSS)")
     p.add_argument("--json", metavar="PATH", help="write the summary as JSON ('-' = stdout)")
     p.set_defaults(func=run)
+
+
+HALO_WORDS = {"recompute": "recomputed per patch", "cache": "cached between row bands",
+              "mixed": "cached between row bands (expansions recomputed)"}
+BAND_PACE = {"split": ", bands paced by the split map", "input": ", bands paced by the input rows"}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -87,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     shape = parse_shape(args.input) if args.input else plan.input_shape if plan else default_input(args.model)
     if plan is not None:
         plan = PatchPlan(plan.split_node, plan.grid, tuple(shape), plan.stream_input or args.stream_input,
-                         plan.halo)
+                         plan.halo, plan.pace)
         result = apply_plan(model, plan)
     else:
         result = patch_model(
@@ -175,7 +181,7 @@ def format_summary(doc: dict[str, Any], written: list[str]) -> str:
         f"unpatched peak   {fmt_bytes(peak):>12} ({peak:,} bytes)",
         f"patched peak     {fmt_bytes(patched):>12} ({patched:,} bytes)  {peak / patched:.2f}x lower",
         f"split            after '{doc['split_node']}' ({'x'.join(map(str, doc['split_shape'][1:]))}), "
-        f"grid {grid}, halo {'cached between row bands' if doc['halo'] == 'cache' else 'recomputed per patch'}; "
+        f"grid {grid}, halo {HALO_WORDS[doc['halo']]}{BAND_PACE[doc['pace']] if doc['halo'] != 'recompute' else ''}; "
         f"patching stops where {doc['bounded_by']}",
         f"MACs             {doc['mac_overhead']:.3f}x the unpatched model's ({doc['patched_macs']:,} vs "
         f"{doc['macs']:,})",

@@ -7,8 +7,9 @@ linear); and ``resnet18_k4_red``, the ResNet18 k=4 student (``passes.aggressive_
 blocks at input+output (``distill.red.attach_red``).
 
 Per model four settings, all with at most 20% extra MACs: input resident, input streamed per patch
-(``--stream-input``), both searching recomputed halos (MCUNetV2) and cached row bands
-(``halo="auto"``), and streamed and resident with recomputed halos only. Each row: split node, grid, peaks, reduction, MAC overhead (patched /
+(``--stream-input``), both searching recomputed halos (MCUNetV2), cached row bands (paced by the
+split map or by the input) and mixed bands (expansions recomputed, the rest cached) (``halo="auto"``),
+and streamed and resident with recomputed halos only. Each row: split node, grid, peaks, reduction, MAC overhead (patched /
 unpatched), max |Δ| of the outputs on a seeded random input (and relative to the output scale).
 For the two resident settings the patched model is exported to ONNX (BN folded, ``target="onnx"`` form) and
 its peak is reported as memplan's ONNX frontend sees the file and as onnxruntime predicts and
@@ -19,7 +20,7 @@ also at ``MALLOC_MMAP_THRESHOLD_=4096``), next to the unpatched export. Targets:
 as they finish and skipped when re-run.
 
 Usage:
-    python benchmarks/patch_memory.py [--only NAME ...] [--no-onnx] [--remeasure-onnx]
+    python benchmarks/patch_memory.py [--only NAME ...] [--no-onnx] [--remeasure-onnx] [--redo SETTING ...]
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ RESULTS = Path(__file__).parent / "results" / "patch_memory.json"
 SHAPE = (1, 3, 224, 224)
 TEACHER_R18 = 4_014_080  # docs/definitions.md §3
 MAX_OVERHEAD = 0.2
-# (label, stream_input, halo): halo "auto" searches recomputed halos (MCUNetV2) and cached row bands
+# (label, stream_input, halo): halo "auto" searches recomputed halos (MCUNetV2), cached and mixed row bands
 SETTINGS = (("resident", False, "auto"), ("stream", True, "auto"), ("stream, recompute", True, "recompute"),
             ("resident, recompute", False, "recompute"))
 ONNX_SETTINGS = ("resident", "resident, recompute")  # exported and measured in onnxruntime
@@ -196,8 +197,9 @@ def print_table(rows: list[dict]) -> None:
             print(f"{r['model']:<16} {r['setting']:<17} {r['error'][:90]}")
             continue
         grid = "x".join(map(str, r["patches"]))
+        halo = r["halo"] + ("/in" if r.get("pace") == "input" and r["halo"] != "recompute" else "")
         target = f">= {r['target']:g}x {'met' if r['target_met'] else 'NOT met'}" if "target" in r else ""
-        print(f"{r['model']:<16} {r['setting']:<17} {r['split_node'][:22]:<22} {grid:>6} {r['halo']:<9} "
+        print(f"{r['model']:<16} {r['setting']:<17} {r['split_node'][:22]:<22} {grid:>6} {halo:<9} "
               f"{kib(r['peak_bytes']):>9} "
               f"{kib(r['patched_peak_bytes']):>8} {r['reduction_vs_reference']:>5.2f}x {r['mac_overhead']:>6.3f} "
               f"{r['rel_diff']:>8.1e} {kib(r.get('onnx_peak_bytes')):>7} {kib(r.get('ort_measured_patched_bytes')):>8} "
@@ -211,9 +213,13 @@ def main() -> None:
     p.add_argument("--no-onnx", action="store_true", help="skip the ONNX export and onnxruntime measurement")
     p.add_argument("--remeasure-onnx", action="store_true",
                    help="re-run only the onnxruntime columns of finished rows (plans read from the rows)")
+    p.add_argument("--redo", nargs="*", default=(), choices=[s[0] for s in SETTINGS],
+                   help="run these settings again for the selected models (their rows are replaced)")
     args = p.parse_args()
     torch.set_num_threads(1)
     doc = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"rows": []}
+    models = set(args.only or MODELS)
+    doc["rows"] = [r for r in doc["rows"] if not (r["model"] in models and r["setting"] in args.redo)]
     if args.remeasure_onnx:
         remeasure_onnx(doc, list(args.only or MODELS))
     done = {(r["model"], r["setting"]) for r in doc["rows"]}

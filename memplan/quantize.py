@@ -7,6 +7,12 @@ held-out samples: top-1 agreement of the two models' argmax and the max |Δ| of 
 outputs (absolute, and relative to the fp32 output's largest magnitude). The file is written
 atomically.
 
+With ``integer_input`` the model takes the quantized image itself (uint8, as a camera or an int8
+runtime delivers it): the input's QuantizeLinear is removed, its scale and zero point are recorded in
+the file's metadata (``memplan.input_scale``, ``memplan.input_zero_point``) and in the result, and the
+parity check feeds the check samples quantized that way. The resident input then takes one byte
+per pixel instead of four.
+
 Example:
     >>> import tempfile, numpy as np, torch
     >>> from memplan.export import export_onnx
@@ -32,7 +38,7 @@ import numpy as np
 from memplan.errors import MemplanError, describe_error
 from memplan.io import check_destination, publish
 
-__all__ = ["QuantizeResult", "quantize_onnx", "restore_order"]
+__all__ = ["QuantizeResult", "make_integer_input", "quantize_input", "quantize_onnx", "restore_order"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,8 @@ class QuantizeResult:
     max_rel_diff: float  # max |Δ| / max |fp32 output|
     fp32_bytes: int
     int8_bytes: int
+    input_scale: float | None = None  # integer input: x_uint8 = clip(round(x / scale) + zero_point, 0, 255)
+    input_zero_point: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         """JSON form."""
@@ -59,7 +67,9 @@ class QuantizeResult:
         return (f"wrote {self.path} (int8 {self.format}, per-channel weights, {self.calibration_samples} calibration "
                 f"samples, {self.calibration_method}); on {self.samples} held-out samples: top-1 agreement "
                 f"{100 * self.top1_agreement:.2f}%, max |Δ| {self.max_abs_diff:.4g} ({100 * self.max_rel_diff:.2f}% of "
-                f"the output scale); file {self.int8_bytes:,} B vs fp32 {self.fp32_bytes:,} B")
+                f"the output scale); file {self.int8_bytes:,} B vs fp32 {self.fp32_bytes:,} B"
+                + (f"; input uint8, x_q = round(x / {self.input_scale:.6g}) + {self.input_zero_point}"
+                   if self.input_scale is not None else ""))
 
 
 def _batches(samples: np.ndarray, name: str) -> Iterator[dict[str, np.ndarray]]:
@@ -75,6 +85,45 @@ def _outputs(path: str, samples: np.ndarray) -> np.ndarray:
     session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     return np.concatenate([session.run(None, feed)[0].reshape(1, -1) for feed in _batches(samples, name)])
+
+
+def quantize_input(x: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
+    """An image as an integer-input model takes it (onnx QuantizeLinear, uint8, round half to even)."""
+    return np.clip(np.rint(x / np.float32(scale)) + zero_point, 0, 255).astype(np.uint8)
+
+
+def make_integer_input(model: Any) -> tuple[float, int]:
+    """Make ``model`` (a QDQ onnx ModelProto, in place) take its input quantized: drop the input's
+    QuantizeLinear, give the input its uint8 type and record scale and zero point in the metadata.
+
+    The input must feed exactly one node, a QuantizeLinear with constant per-tensor uint8 parameters;
+    otherwise a one-line :class:`MemplanError` says why.
+    """
+    from onnx import TensorProto, numpy_helper
+
+    g = model.graph
+    x = g.input[0]
+    readers = [n for n in g.node if x.name in n.input]
+    consts = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    consts.update({n.output[0]: numpy_helper.to_array(a.t) for n in g.node if n.op_type == "Constant"
+                   for a in n.attribute if a.name == "value"})
+    q = readers[0] if len(readers) == 1 and readers[0].op_type == "QuantizeLinear" else None
+    if q is None or len(q.input) < 3 or q.input[1] not in consts or q.input[2] not in consts:
+        kinds = ", ".join(sorted({n.op_type for n in readers})) or "nothing"
+        raise MemplanError(f"cannot give '{x.name}' an integer input: it feeds {kinds}, not one QuantizeLinear "
+                           "with constant parameters")
+    scale, zero = consts[q.input[1]], consts[q.input[2]]
+    if scale.size != 1 or zero.dtype != np.uint8:
+        raise MemplanError(f"cannot give '{x.name}' an integer input: its quantization is not per-tensor uint8")
+    for n in g.node:
+        n.input[:] = [x.name if i == q.output[0] else i for i in n.input]
+    g.node.remove(q)
+    x.type.tensor_type.elem_type = TensorProto.UINT8
+    meta = {p.key: p for p in model.metadata_props}
+    for key, value in (("memplan.input_scale", repr(float(scale.item()))),
+                       ("memplan.input_zero_point", str(int(zero.item())))):
+        (meta[key] if key in meta else model.metadata_props.add(key=key)).value = value
+    return float(scale.item()), int(zero.item())
 
 
 def restore_order(quantized: Any, source: Any) -> None:
@@ -134,11 +183,12 @@ def restore_order(quantized: Any, source: Any) -> None:
 
 
 def quantize_onnx(fp32_path: str | Path, out_path: str | Path, calibration: np.ndarray, check: np.ndarray,
-                  *, method: str = "minmax") -> QuantizeResult:
+                  *, method: str = "minmax", integer_input: bool = False) -> QuantizeResult:
     """Quantize ``fp32_path`` to int8 (QDQ) calibrated on ``calibration``; parity on ``check`` (module docstring).
 
     ``calibration`` and ``check`` are float32 arrays ``(N, *input_shape[1:])``; ``method`` is ``minmax``,
-    ``entropy`` or ``percentile`` (onnxruntime's calibration methods).
+    ``entropy`` or ``percentile`` (onnxruntime's calibration methods); ``integer_input``: the file
+    takes the uint8 image (module docstring).
     """
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -181,12 +231,14 @@ def quantize_onnx(fp32_path: str | Path, out_path: str | Path, calibration: np.n
             raise MemplanError(f"onnxruntime could not quantize '{fp32_path}': {describe_error(e)}") from None
         model = onnx.load(str(quantized))
         restore_order(model, source)
+        scale, zero = make_integer_input(model) if integer_input else (None, None)
         onnx.save(model, str(quantized))
-        ref, got = _outputs(str(fp32_path), check.astype(np.float32)), _outputs(str(quantized), check.astype(np.float32))
+        fed = check.astype(np.float32) if scale is None else quantize_input(check, scale, zero)
+        ref, got = _outputs(str(fp32_path), check.astype(np.float32)), _outputs(str(quantized), fed)
         diff = float(np.abs(ref - got).max())
-        scale = float(np.abs(ref).max()) or 1.0
+        out_scale = float(np.abs(ref).max()) or 1.0
         agree = float((ref.argmax(1) == got.argmax(1)).mean())
         int8_bytes = quantized.stat().st_size
         publish(quantized, target)
-    return QuantizeResult(str(target), "QDQ", len(calibration), method, len(check), agree, diff, diff / scale,
-                          Path(fp32_path).stat().st_size, int8_bytes)
+    return QuantizeResult(str(target), "QDQ", len(calibration), method, len(check), agree, diff, diff / out_scale,
+                          Path(fp32_path).stat().st_size, int8_bytes, scale, zero)

@@ -70,3 +70,49 @@ def test_quantized_patched_model_keeps_its_patch_at_a_time_order(tmp_path):
     fp32_peak, int8_peak = analyze_onnx_file(fp32).peak_bytes, analyze_onnx_file(int8).peak_bytes
     input_bytes = 3 * 64 * 64 * 4  # the float input, resident
     assert (int8_peak - input_bytes) * 4 <= (fp32_peak - input_bytes) * 1.05, (fp32_peak, int8_peak)
+
+
+def test_integer_input_takes_the_uint8_image_exactly(tmp_path, capsys):
+    """integer_input drops the input's QuantizeLinear: the file takes uint8 pixels (1 byte each), and on
+    the image quantized by the recorded scale and zero point it computes what the float-input int8
+    file computes on the float image."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    from memplan.export import export_onnx
+    from memplan.onnx_ort import analyze_onnx_file
+    from memplan.quantize import quantize_input, quantize_onnx
+    from memplan.zoo import create_model
+
+    fp32 = tmp_path / "fp32.onnx"
+    export_onnx(create_model("resnet_tiny"), torch.zeros(1, 1, 16, 16), fp32)
+    calib = np.random.default_rng(0).standard_normal((12, 1, 16, 16)).astype(np.float32)
+    plain, integer = tmp_path / "int8.onnx", tmp_path / "int8_u8.onnx"
+    quantize_onnx(fp32, plain, calib[:8], calib[8:])
+    q = quantize_onnx(fp32, integer, calib[:8], calib[8:], integer_input=True)
+    model = onnx.load(str(integer))
+    x = model.graph.input[0]
+    assert x.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert not any(n.op_type == "QuantizeLinear" and x.name in n.input for n in model.graph.node)
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert (float(meta["memplan.input_scale"]), int(meta["memplan.input_zero_point"])) == \
+        (q.input_scale, q.input_zero_point)
+    image = np.random.default_rng(1).standard_normal((1, 1, 16, 16)).astype(np.float32)
+    run = lambda p, feed: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(  # noqa: E731
+        None, {x.name: feed})[0]
+    np.testing.assert_array_equal(run(integer, quantize_input(image, q.input_scale, q.input_zero_point)),
+                                  run(plain, image))
+    assert analyze_onnx_file(integer).input_bytes == 16 * 16
+    assert analyze_onnx_file(plain).input_bytes == 16 * 16 * 4
+    out = tmp_path / "cli.onnx"
+    assert main(["export", "zoo:resnet_tiny", "--input", "1,1,16,16", "--int8", "--calib", "digits",
+                 "--calib-samples", "16", "--int8-input", "--out", str(out)]) == 0
+    assert "input uint8, x_q = round(x / " in capsys.readouterr().out
+    assert onnx.load(str(out)).graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+
+
+def test_integer_input_needs_int8(tmp_path, capsys):
+    assert main(["export", "zoo:resnet_tiny", "--input", "1,1,16,16", "--int8-input",
+                 "--out", str(tmp_path / "m.onnx")]) == 2
+    assert "--int8-input only applies with --int8" in capsys.readouterr().err

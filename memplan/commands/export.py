@@ -53,6 +53,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib", metavar="DATA_SPEC", help="with --int8: calibration data (its validation split; the "
                                                         "parity check uses test images), e.g. digits, fashion-mnist")
     p.add_argument("--calib-samples", type=int, default=256, help="with --int8: calibration images (default 256)")
+    p.add_argument("--int8-input", action="store_true",
+                   help="with --int8: the file takes the uint8 image (its input QuantizeLinear removed; scale and "
+                        "zero point in the summary and the file's metadata), 1 byte per pixel resident")
     p.set_defaults(func=run)
 
 
@@ -84,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
     shape = parse_shape(args.input) if args.input else shape
     if args.int8 != bool(args.calib):
         raise MemplanError("--int8 needs --calib DATA_SPEC (and --calib only applies with --int8)")
+    if args.int8_input and not args.int8:
+        raise MemplanError("--int8-input only applies with --int8")
     check_destination(args.out)
     calib = _calibration(args.calib, shape, args.calib_samples) if args.int8 else None
     real = _real_inputs(args.real, shape) if args.real else None
@@ -101,5 +106,5 @@ def run(args: argparse.Namespace) -> int:
         if calib is not None:
             from memplan.quantize import quantize_onnx
 
-            print(quantize_onnx(fp32, args.out, *calib).summary())
+            print(quantize_onnx(fp32, args.out, *calib, integer_input=args.int8_input).summary())
     return 0

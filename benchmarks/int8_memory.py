@@ -14,7 +14,11 @@ it: an int32 accumulator of the whole output and an im2col copy where MLAS's sym
 not take the conv, e.g. a 3-channel stem), so the measured int8 ratio is far below 4x on an
 unpatched model. Each model is therefore also patched (``passes.patch``, resident input, MAC
 overhead <= 20 %) before quantization: every patch's scratch is a patch's worth, and the
-``patched_int8`` columns compare that file with the plain fp32 one. Each file is also predicted
+``patched_int8`` columns compare that file with the plain fp32 one. Of the best plan of each halo mode
+(recomputed, cached paced by the split map, mixed paced by the input) the one whose patched fp32
+export ``--runtime ort`` predicts smallest is used. ``patched_int8_u8`` is the same file taking the
+uint8 image (``quantize_onnx(integer_input=True)``, ``memplan export --int8-input``): the resident
+input at 1 byte per pixel instead of 4, as an int8 deployment feeds it. Each file is also predicted
 and measured with ``SessionOptions.enable_mem_reuse = False`` (``--runtime ort-noreuse``), where
 onnxruntime's planner no longer keeps one buffer per tensor shape through the whole patch loop.
 
@@ -54,6 +58,31 @@ SESSIONS = 3  # measured sessions of a file whose order varies; the highest sess
 KINDS = ("deploy", "predicted_ort", "measured", "predicted_noreuse", "measured_noreuse", "measured_noreuse_4k")
 
 
+# patch plans tried per model (halo, pace); the one onnxruntime is predicted to run smallest is kept
+PLANS = (("recompute", None), ("cache", "split"), ("mixed", "input"))
+LABELS = ("fp32", "int8", "patched_int8", "patched_int8_u8")
+
+
+def _patched(model: torch.nn.Module, tmp: Path, name: str) -> tuple[Path, dict]:
+    """The patched fp32 export onnxruntime's default session is predicted to run smallest, of the best
+    plan of each halo mode (memplan's search ranks by its own deploy form, not by onnxruntime's)."""
+    best: tuple[int, Path, dict] | None = None
+    tried = {}
+    for i, (halo, pace) in enumerate(PLANS):
+        path = tmp / f"{name}_patched{i}.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            plan = patch_model(model, SHAPE, verify=1, halo=halo, pace=pace).plan
+            export_patched(model, plan, path, tolerance=1e-3)
+        predicted = predict_ort(path).peak_bytes
+        tried[f"{halo}/{plan.pace}"] = predicted
+        if best is None or predicted < best[0]:
+            best = (predicted, path, {"patch_split": plan.split_node, "patch_grid": list(plan.grid),
+                                      "patch_halo": plan.halo, "patch_pace": plan.pace})
+    assert best is not None
+    return best[1], {**best[2], "patch_plans_predicted_fp32_bytes": tried}
+
+
 def measure(name: str, tmp: Path) -> dict:
     torch.manual_seed(0)
     model = create_model(name).eval()
@@ -61,16 +90,13 @@ def measure(name: str, tmp: Path) -> dict:
     export_onnx(model, torch.randn(SHAPE), fp32)
     calibration = np.random.default_rng(0).standard_normal((8, *SHAPE[1:])).astype(np.float32)
     quantize_onnx(fp32, int8, calibration, calibration[:4])
-    patched, patched_int8 = tmp / f"{name}_patched.onnx", tmp / f"{name}_patched_int8.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        plan = patch_model(model, SHAPE, verify=1).plan
-        export_patched(model, plan, patched, tolerance=1e-3)
+    patched, chosen = _patched(model, tmp, name)
+    patched_int8, patched_u8 = tmp / f"{name}_patched_int8.onnx", tmp / f"{name}_patched_int8_u8.onnx"
     quantize_onnx(patched, patched_int8, calibration, calibration[:4])
-    row: dict = {"model": name, "size": SHAPE[-1], "patch_split": plan.split_node, "patch_grid": list(plan.grid)}
-    for label, path in (("fp32", fp32), ("int8", int8), ("patched_int8", patched_int8)):
+    quantize_onnx(patched, patched_u8, calibration, calibration[:4], integer_input=True)
+    row: dict = {"model": name, "size": SHAPE[-1], **chosen}
+    for label, path in zip(LABELS, (fp32, int8, patched_int8, patched_u8)):
         row[f"{label}_deploy_bytes"] = analyze_onnx_file(path).peak_bytes
-        row[f"{label}_predicted_ort_bytes"] = predict_ort(path).peak_bytes
         plan = predict_ort(path)
         row[f"{label}_predicted_ort_bytes"] = plan.peak_bytes
         # onnxruntime may order a patched graph's patches differently in each session: where the
@@ -83,9 +109,9 @@ def measure(name: str, tmp: Path) -> dict:
         row[f"{label}_measured_noreuse_4k_bytes"] = measure_onnxruntime(
             path, [SHAPE], mem_reuse=False, mmap_threshold=4096, **kw).peak_bytes
     for kind in KINDS:
-        for label in ("int8", "patched_int8"):
+        for label in LABELS[1:]:
             row[f"{label}_{kind}_ratio"] = round(row[f"fp32_{kind}_bytes"] / row[f"{label}_{kind}_bytes"], 3)
-    for label in ("fp32", "int8", "patched_int8"):
+    for label in LABELS:
         row[f"{label}_ort_error_pct"] = round(100 * (row[f"{label}_predicted_ort_bytes"] /
                                                      row[f"{label}_measured_bytes"] - 1), 1)
         row[f"{label}_noreuse_error_pct"] = round(100 * (row[f"{label}_predicted_noreuse_bytes"] /
@@ -109,16 +135,21 @@ def main() -> None:
             rows[name] = measure(name, Path(tmp))
             doc["rows"] = list(rows.values())
             write_json(doc, str(RESULTS))
-    print(f"{'model':<14} {'form':<22} {'fp32':>12} {'int8':>12} {'ratio':>7} {'patched int8':>13} {'ratio':>7}")
+    print(f"{'model':<14} {'form':<22} {'fp32':>12} {'int8':>12} {'ratio':>7} {'patched int8':>13} {'ratio':>7} "
+          f"{'+ uint8 input':>13} {'ratio':>7}")
     for r in rows.values():
         for kind in KINDS:
             print(f"{r['model']:<14} {kind:<22} {r[f'fp32_{kind}_bytes']:>12,} {r[f'int8_{kind}_bytes']:>12,} "
                   f"{r[f'int8_{kind}_ratio']:>6.2f}x {r[f'patched_int8_{kind}_bytes']:>13,} "
-                  f"{r[f'patched_int8_{kind}_ratio']:>6.2f}x")
+                  f"{r[f'patched_int8_{kind}_ratio']:>6.2f}x {r[f'patched_int8_u8_{kind}_bytes']:>13,} "
+                  f"{r[f'patched_int8_u8_{kind}_ratio']:>6.2f}x")
         for err in ("ort", "noreuse"):
             print(f"{'':<14} {err + ' error':<22} {r[f'fp32_{err}_error_pct']:>+11.1f}% "
-                  f"{r[f'int8_{err}_error_pct']:>+11.1f}% {'':>7} {r[f'patched_int8_{err}_error_pct']:>+12.1f}%")
-        print(f"{'':<14} (patched at {r['patch_split']}, grid {r['patch_grid']})")
+                  f"{r[f'int8_{err}_error_pct']:>+11.1f}% {'':>7} {r[f'patched_int8_{err}_error_pct']:>+12.1f}% "
+                  f"{'':>7} {r[f'patched_int8_u8_{err}_error_pct']:>+12.1f}%")
+        print(f"{'':<14} (patched at {r['patch_split']}, grid {r['patch_grid']}, halo {r['patch_halo']}, pace "
+              f"{r['patch_pace']}; onnxruntime-predicted fp32 peak of each plan tried: "
+              f"{r['patch_plans_predicted_fp32_bytes']})")
     print("\ntarget: int8 about 4x below fp32 in each form. measured = onnxruntime, arena off, 1 thread, median of "
           "3 (the highest of 3 sessions where onnxruntime's order varies), input included, MALLOC_MMAP_THRESHOLD_=65536 (4k: 4096); predicted: the "
           "worst execution order over the sessions sampled; noreuse = SessionOptions.enable_mem_reuse "

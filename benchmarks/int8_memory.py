@@ -14,9 +14,9 @@ it: an int32 accumulator of the whole output and an im2col copy where MLAS's sym
 not take the conv, e.g. a 3-channel stem), so the measured int8 ratio is far below 4x on an
 unpatched model. Each model is therefore also patched (``passes.patch``, resident input, MAC
 overhead <= 20 %) before quantization: every patch's scratch is a patch's worth, and the
-``patched_int8`` columns compare that file with the plain fp32 one. Of the best plan of each halo mode
-(recomputed, cached paced by the split map, mixed paced by the input) the one whose patched fp32
-export ``--runtime ort`` predicts smallest is used. ``patched_int8_u8`` is the same file taking the
+``patched_int8`` columns compare that file with the plain fp32 one. The plan is the one
+``memplan patch --runtime ort`` picks (``patch_for_runtime``: of the best plan of each halo mode, the
+one whose patched fp32 export onnxruntime is predicted to run smallest). ``patched_int8_u8`` is the same file taking the
 uint8 image (``quantize_onnx(integer_input=True)``, ``memplan export --int8-input``): the resident
 input at 1 byte per pixel instead of 4, as an int8 deployment feeds it. Each file is also predicted
 and measured with ``SessionOptions.enable_mem_reuse = False`` (``--runtime ort-noreuse``), where
@@ -41,7 +41,7 @@ import numpy as np
 import onnxruntime
 import torch
 
-from memplan.commands.patch import export_patched
+from memplan.commands.patch import export_patched, patch_for_runtime
 from memplan.export import export_onnx
 from memplan.io import write_json
 from memplan.measure import measure_onnxruntime
@@ -49,7 +49,6 @@ from memplan.onnx_ort import analyze_onnx_file
 from memplan.ort_runtime import predict_ort
 from memplan.quantize import quantize_onnx
 from memplan.zoo import create_model
-from passes.patch import patch_model
 
 RESULTS = Path(__file__).parent / "results" / "int8_memory.json"
 MODELS = ("resnet18", "mobilenet_v2")
@@ -58,29 +57,7 @@ SESSIONS = 3  # measured sessions of a file whose order varies; the highest sess
 KINDS = ("deploy", "predicted_ort", "measured", "predicted_noreuse", "measured_noreuse", "measured_noreuse_4k")
 
 
-# patch plans tried per model (halo, pace); the one onnxruntime is predicted to run smallest is kept
-PLANS = (("recompute", None), ("cache", "split"), ("mixed", "input"))
 LABELS = ("fp32", "int8", "patched_int8", "patched_int8_u8")
-
-
-def _patched(model: torch.nn.Module, tmp: Path, name: str) -> tuple[Path, dict]:
-    """The patched fp32 export onnxruntime's default session is predicted to run smallest, of the best
-    plan of each halo mode (memplan's search ranks by its own deploy form, not by onnxruntime's)."""
-    best: tuple[int, Path, dict] | None = None
-    tried = {}
-    for i, (halo, pace) in enumerate(PLANS):
-        path = tmp / f"{name}_patched{i}.onnx"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            plan = patch_model(model, SHAPE, verify=1, halo=halo, pace=pace).plan
-            export_patched(model, plan, path, tolerance=1e-3)
-        predicted = predict_ort(path).peak_bytes
-        tried[f"{halo}/{plan.pace}"] = predicted
-        if best is None or predicted < best[0]:
-            best = (predicted, path, {"patch_split": plan.split_node, "patch_grid": list(plan.grid),
-                                      "patch_halo": plan.halo, "patch_pace": plan.pace})
-    assert best is not None
-    return best[1], {**best[2], "patch_plans_predicted_fp32_bytes": tried}
 
 
 def measure(name: str, tmp: Path) -> dict:
@@ -90,7 +67,15 @@ def measure(name: str, tmp: Path) -> dict:
     export_onnx(model, torch.randn(SHAPE), fp32)
     calibration = np.random.default_rng(0).standard_normal((8, *SHAPE[1:])).astype(np.float32)
     quantize_onnx(fp32, int8, calibration, calibration[:4])
-    patched, chosen = _patched(model, tmp, name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result, picks = patch_for_runtime(model, SHAPE, "ort", verify=1)
+        patched = tmp / f"{name}_patched.onnx"
+        export_patched(model, result.plan, patched, tolerance=1e-3)
+    plan = result.plan
+    chosen = {"patch_split": plan.split_node, "patch_grid": list(plan.grid), "patch_halo": plan.halo,
+              "patch_pace": plan.pace, "patch_plans_predicted_fp32_bytes":
+              {f"{c['halo']}/{c['pace']}": c["predicted_bytes"] for c in picks}}
     patched_int8, patched_u8 = tmp / f"{name}_patched_int8.onnx", tmp / f"{name}_patched_int8_u8.onnx"
     quantize_onnx(patched, patched_int8, calibration, calibration[:4])
     quantize_onnx(patched, patched_u8, calibration, calibration[:4], integer_input=True)

@@ -506,7 +506,24 @@ def test_cli_onnx_measure_reports_onnxruntime_with_and_without_reuse(capsys, tmp
     assert doc["ort_noreuse_predicted_peak_bytes"] <= doc["ort_predicted_peak_bytes"]
 
 
+def test_cli_runtime_picks_the_plan_onnxruntime_runs_smallest(capsys, tmp_path):
+    """--runtime ort-noreuse exports the best plan of each halo mode, predicts each file in onnxruntime
+    and keeps the smallest; --onnx then writes that plan's file."""
+    (tmp_path / "tiny.py").write_text(_TINY)
+    code, out, err = _cli(capsys, f"{tmp_path / 'tiny.py'}:build", "--input", "1,3,64,64", "--runtime",
+                          "ort-noreuse", "--onnx", str(tmp_path / "p.onnx"), "--json", "-")
+    assert code == 0, err
+    doc = json.loads(out)
+    picks = doc["runtime_candidates"]
+    assert {c["halo"] for c in picks} == {"recompute", "cache", "mixed"} and doc["runtime"] == "ort-noreuse"
+    best = min(picks, key=lambda c: c["predicted_bytes"])
+    assert (doc["halo"], doc["pace"], doc["split_node"]) == (best["halo"], best["pace"], best["split_node"])
+    assert doc["runtime_peak_bytes"] == best["predicted_bytes"]
+    assert doc["onnx_peak_bytes"] > 0 and (tmp_path / "p.onnx").is_file()  # the chosen plan's file
+
+
 @pytest.mark.parametrize(("argv", "message"), [
+    (["--runtime", "ort", "--patches", "2"], "--runtime ranks the best plan of each halo mode"),
     (["--patches", "2x"], "bad --patches '2x'"),
     (["--split", "nope"], "'nope' is not a valid split node"),
     (["--budget", "1"], "best reachable peak is about"),

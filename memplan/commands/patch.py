@@ -6,12 +6,16 @@ grid, the MAC overhead of the halos and the max |Δ| of the outputs on a seeded 
 ``--out DIR`` writes ``plan.json`` (re-applied with ``--plan``) and ``patched.pt`` (the patched
 module's state_dict, which has the original's keys). ``--onnx FILE`` exports the patched model
 (BatchNorm folded first, in the graph form for ONNX runtimes) and reports its peak as memplan's ONNX
-frontend sees it; ``--measure`` adds onnxruntime's measured peak.
+frontend sees it; ``--measure`` adds onnxruntime's measured peak. ``--runtime ort`` (or
+``ort-noreuse``) picks, of the best plan of each halo mode, the one whose exported file onnxruntime
+is predicted to run smallest (memplan's search ranks plans by the deploy form; onnxruntime reorders
+and reuses buffers its own way, see docs/definitions.md §2 and §8).
 
 Example:
     $ memplan patch zoo:mobilenet_v2 --input 1,3,224,224 --json -
     $ memplan patch zoo:resnet18 --budget 1.5MiB --stream-input --out runs/r18-patch
     $ memplan patch zoo:resnet18 --patches 3x4 --onnx r18-patched.onnx --measure
+    $ memplan patch zoo:mobilenet_v2 --runtime ort-noreuse --onnx mnv2-patched.onnx
 """
 
 from __future__ import annotations
@@ -73,6 +77,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", metavar="DIR", help="write DIR/plan.json and DIR/patched.pt (state_dict)")
     p.add_argument("--onnx", metavar="FILE.onnx", help="export the patched model and analyse the file")
     p.add_argument("--measure", action="store_true", help="with --onnx: measure onnxruntime's peak (child RSS)")
+    p.add_argument("--runtime", choices=("deploy", *RUNTIME_PICKS), default="deploy",
+                   help="rank plans by the deploy form (default) or by the peak onnxruntime is predicted to need "
+                        "for the exported file (the best plan of each halo mode is exported and predicted)")
     p.add_argument("--json", metavar="PATH", help="write the summary as JSON ('-' = stdout)")
     p.set_defaults(func=run)
 
@@ -86,6 +93,9 @@ def run(args: argparse.Namespace) -> int:
     """Execute ``memplan patch``."""
     if args.measure and not args.onnx:
         raise MemplanError("--measure needs --onnx FILE (the patched file onnxruntime runs)")
+    if args.runtime != "deploy" and (args.plan or args.patches or args.budget or args.halo != "auto"):
+        raise MemplanError("--runtime ranks the best plan of each halo mode: it cannot be combined with --plan, "
+                           "--patches, --budget or --halo")
     if args.max_overhead < 0:
         raise MemplanError(f"bad --max-overhead {args.max_overhead}: must be >= 0")
     model = load_model(args.model)
@@ -95,12 +105,18 @@ def run(args: argparse.Namespace) -> int:
         plan = PatchPlan(plan.split_node, plan.grid, tuple(shape), plan.stream_input or args.stream_input,
                          plan.halo, plan.pace)
         result = apply_plan(model, plan)
+    elif args.runtime != "deploy":
+        result, picks = patch_for_runtime(model, shape, args.runtime, split_node=args.split,
+                                          stream_input=args.stream_input, max_mac_overhead=args.max_overhead)
     else:
         result = patch_model(
             model, shape, grid=parse_grid(args.patches) if args.patches else None,
             budget=parse_bytes(args.budget) if args.budget else None, split_node=args.split,
             stream_input=args.stream_input, max_mac_overhead=args.max_overhead, halo=args.halo)
     doc: dict[str, Any] = {"model": args.model, **result.to_json()}
+    if args.runtime != "deploy":
+        doc.update({"runtime": args.runtime, "runtime_candidates": picks,
+                    "runtime_peak_bytes": min(c["predicted_bytes"] for c in picks)})
     written = write_outputs(result, args.out) if args.out else []
     if args.onnx:
         doc.update(onnx_report(model, result.plan, args.onnx, measure=args.measure))
@@ -141,6 +157,49 @@ def export_patched(model: nn.Module, plan: PatchPlan, path: str | Path, *,
         warnings.simplefilter("ignore")
         exported = export_onnx(patched.module, x, path, random_samples=1, tolerance=tolerance, fold_pads=True)
     return patched, exported
+
+
+RUNTIME_PICKS = ("ort", "ort-noreuse")
+# (halo, pace) of the plans --runtime compares: recomputed patches, cached bands paced by the split
+# map, mixed bands paced by the input (without expansions the same as cached bands paced by the input)
+RUNTIME_PLANS = (("recompute", None), ("cache", "split"), ("mixed", "input"))
+
+
+def patch_for_runtime(model: nn.Module, shape: tuple[int, ...], runtime: str, **search: Any
+                      ) -> tuple[PatchResult, list[dict[str, Any]]]:
+    """The best plan of each halo mode (:data:`RUNTIME_PLANS`), exported and predicted for onnxruntime
+    (``runtime``: ``ort`` or ``ort-noreuse``); returns the one predicted smallest and every candidate.
+
+    ``search`` goes to :func:`passes.patch.patch_model` (``split_node``, ``stream_input``,
+    ``max_mac_overhead``). A mode without a plan within the limits is skipped; none at all raises.
+    """
+    import tempfile
+
+    from memplan.ort_runtime import predict_ort
+
+    if runtime not in RUNTIME_PICKS:
+        raise MemplanError(f"unknown runtime '{runtime}' (use {' or '.join(RUNTIME_PICKS)})")
+    best: tuple[int, PatchResult] | None = None
+    picks: list[dict[str, Any]] = []
+    errors = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (halo, pace) in enumerate(RUNTIME_PLANS):
+            try:
+                r = patch_model(model, shape, halo=halo, pace=pace, **search)
+            except PatchError as e:
+                errors.append(f"{halo}: {e}")
+                continue
+            path = Path(tmp) / f"candidate{i}.onnx"
+            export_patched(model, r.plan, path, tolerance=1e-3)
+            predicted = predict_ort(path, [r.plan.input_shape], runtime=runtime).peak_bytes
+            picks.append({"halo": r.plan.halo, "pace": r.plan.pace, "split_node": r.plan.split_node,
+                          "patches": list(r.plan.grid), "patched_peak_bytes": r.patched_peak_bytes,
+                          "mac_overhead": round(r.mac_overhead, 6), "predicted_bytes": predicted})
+            if best is None or predicted < best[0]:
+                best = (predicted, r)
+    if best is None:
+        raise PatchError("no plan for --runtime: " + "; ".join(errors))
+    return best[1], picks
 
 
 def onnx_report(model: nn.Module, plan: PatchPlan, path: str | Path, *, measure: bool = False) -> dict[str, Any]:
@@ -196,10 +255,16 @@ def format_summary(doc: dict[str, Any], written: list[str]) -> str:
                      f"{fmt_bytes(doc['ort_predicted_peak_bytes'])} predicted (no arena); with "
                      f"enable_mem_reuse off {fmt_bytes(doc['ort_noreuse_measured_peak_bytes'])} measured, "
                      f"{fmt_bytes(doc['ort_noreuse_predicted_peak_bytes'])} predicted (--runtime ort-noreuse)")
+    for c in doc.get("runtime_candidates", ()):
+        chosen = c["halo"] == doc["halo"] and c["pace"] == doc["pace"] and c["split_node"] == doc["split_node"]
+        lines.append(f"{'--runtime ' + doc['runtime'] if c is doc['runtime_candidates'][0] else '':<17}"
+                     f"{c['halo']:<9} {c['pace']:<5} after '{c['split_node']}' grid {'x'.join(map(str, c['patches']))}: "
+                     f"{fmt_bytes(c['predicted_bytes'])} predicted (deploy {fmt_bytes(c['patched_peak_bytes'])})"
+                     f"{'  <- chosen' if chosen else ''}")
     if written:
         lines.append(f"wrote            {', '.join(written)}")
     return "\n".join(lines)
 
 
-__all__ = ["JSON_KEYS", "PatchError", "configure", "export_patched", "format_summary", "onnx_report", "parse_grid",
-           "run", "write_outputs"]
+__all__ = ["JSON_KEYS", "RUNTIME_PICKS", "RUNTIME_PLANS", "PatchError", "configure", "export_patched",
+           "format_summary", "onnx_report", "parse_grid", "patch_for_runtime", "run", "write_outputs"]

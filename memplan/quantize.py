@@ -92,38 +92,79 @@ def quantize_input(x: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
     return np.clip(np.rint(x / np.float32(scale)) + zero_point, 0, 255).astype(np.uint8)
 
 
-def make_integer_input(model: Any) -> tuple[float, int]:
-    """Make ``model`` (a QDQ onnx ModelProto, in place) take its input quantized: drop the input's
-    QuantizeLinear, give the input its uint8 type and record scale and zero point in the metadata.
+# ops that only move or regroup elements: they run on the uint8 image as on the float one
+_MOVES = {"Slice", "Split", "Concat", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity"}
 
-    The input must feed exactly one node, a QuantizeLinear with constant per-tensor uint8 parameters;
-    otherwise a one-line :class:`MemplanError` says why.
+
+def _moved_input(g: Any) -> tuple[list[Any], set[str], list[Any]]:
+    """The nodes that only move the input's elements (:data:`_MOVES`), the tensors they and the input
+    make, and the other nodes reading those tensors."""
+    readers: dict[str, list[Any]] = {}
+    for n in g.node:
+        for t in n.input:
+            readers.setdefault(t, []).append(n)
+    moves: dict[int, Any] = {}
+    ends: dict[int, Any] = {}
+    todo, seen = [g.input[0].name], {g.input[0].name}
+    while todo:
+        for n in readers.get(todo.pop(), []):
+            data = n.input if n.op_type == "Concat" else n.input[:1]
+            if n.op_type in _MOVES and all(t in seen for t in data):
+                if id(n) not in moves:
+                    moves[id(n)] = n
+                    fresh = [t for t in n.output if t not in seen]
+                    seen.update(fresh)
+                    todo.extend(fresh)
+            else:
+                ends[id(n)] = n  # a Concat whose other inputs are not moved yet is dropped below
+    return list(moves.values()), seen, [n for k, n in ends.items() if k not in moves]
+
+
+def make_integer_input(model: Any) -> tuple[float, int]:
+    """Make ``model`` (a QDQ onnx ModelProto, in place) take its input quantized: drop the
+    QuantizeLinear nodes that quantize the input, give the input its uint8 type and record scale and
+    zero point in the metadata.
+
+    Between the input and its QuantizeLinears only ops that move elements may run (a patched model
+    slices the float image first; :data:`_MOVES`), and every such QuantizeLinear must use the same
+    constant per-tensor uint8 scale and zero point; otherwise a one-line :class:`MemplanError` says why.
     """
     from onnx import TensorProto, numpy_helper
 
     g = model.graph
     x = g.input[0]
-    readers = [n for n in g.node if x.name in n.input]
     consts = {t.name: numpy_helper.to_array(t) for t in g.initializer}
     consts.update({n.output[0]: numpy_helper.to_array(a.t) for n in g.node if n.op_type == "Constant"
                    for a in n.attribute if a.name == "value"})
-    q = readers[0] if len(readers) == 1 and readers[0].op_type == "QuantizeLinear" else None
-    if q is None or len(q.input) < 3 or q.input[1] not in consts or q.input[2] not in consts:
-        kinds = ", ".join(sorted({n.op_type for n in readers})) or "nothing"
-        raise MemplanError(f"cannot give '{x.name}' an integer input: it feeds {kinds}, not one QuantizeLinear "
-                           "with constant parameters")
-    scale, zero = consts[q.input[1]], consts[q.input[2]]
-    if scale.size != 1 or zero.dtype != np.uint8:
-        raise MemplanError(f"cannot give '{x.name}' an integer input: its quantization is not per-tensor uint8")
+    moves, _, ends = _moved_input(g)
+    quantizes = [n for n in ends if n.op_type == "QuantizeLinear"]
+    for n in ends:
+        if n.op_type != "QuantizeLinear":
+            raise MemplanError(f"cannot give '{x.name}' an integer input: its values reach {n.op_type} "
+                               f"'{n.name}' before any QuantizeLinear")
+    params = {(q.input[1], q.input[2]) if len(q.input) >= 3 else (q.input[1], "") for q in quantizes}
+    if not quantizes or any(s not in consts or z not in consts for s, z in params):
+        raise MemplanError(f"cannot give '{x.name}' an integer input: it is not quantized by constant parameters")
+    values = {(float(consts[s].item()) if consts[s].size == 1 else None, consts[z].dtype.name,
+               int(consts[z].item()) if consts[z].size == 1 else None) for s, z in params}
+    if len(values) != 1 or None in next(iter(values)) or next(iter(values))[1] != "uint8":
+        raise MemplanError(f"cannot give '{x.name}' an integer input: its quantization is not one per-tensor "
+                           "uint8 scale and zero point")
+    scale, _, zero = next(iter(values))
+    rename = {q.output[0]: q.input[0] for q in quantizes}
     for n in g.node:
-        n.input[:] = [x.name if i == q.output[0] else i for i in n.input]
-    g.node.remove(q)
+        n.input[:] = [rename.get(i, i) for i in n.input]
+    for q in quantizes:
+        g.node.remove(q)
     x.type.tensor_type.elem_type = TensorProto.UINT8
+    moved = {t for n in moves for t in n.output}
+    kept = [v for v in g.value_info if v.name not in moved]  # their type is now uint8: inferred again
+    del g.value_info[:]
+    g.value_info.extend(kept)
     meta = {p.key: p for p in model.metadata_props}
-    for key, value in (("memplan.input_scale", repr(float(scale.item()))),
-                       ("memplan.input_zero_point", str(int(zero.item())))):
+    for key, value in (("memplan.input_scale", repr(scale)), ("memplan.input_zero_point", str(zero))):
         (meta[key] if key in meta else model.metadata_props.add(key=key)).value = value
-    return float(scale.item()), int(zero.item())
+    return scale, zero
 
 
 def restore_order(quantized: Any, source: Any) -> None:
@@ -222,9 +263,14 @@ def quantize_onnx(fp32_path: str | Path, out_path: str | Path, calibration: np.n
         pre, quantized = Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
         try:
             quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
+            extra = {}
+            if integer_input:  # one range for the image and every slice of it: one input quantization
+                _, tensors, _ = _moved_input(onnx.load(str(pre), load_external_data=False).graph)
+                lo, hi = float(min(0.0, calibration.min())), float(max(0.0, calibration.max()))
+                extra["TensorQuantOverrides"] = {t: [{"rmin": np.float32(lo), "rmax": np.float32(hi)}] for t in tensors}
             quantize_static(str(pre), str(quantized), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            calibrate_method=methods[method])
+                            calibrate_method=methods[method], extra_options=extra)
         except MemplanError:
             raise
         except Exception as e:  # noqa: BLE001 - onnxruntime's tools raise anything

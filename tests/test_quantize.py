@@ -116,3 +116,38 @@ def test_integer_input_needs_int8(tmp_path, capsys):
     assert main(["export", "zoo:resnet_tiny", "--input", "1,1,16,16", "--int8-input",
                  "--out", str(tmp_path / "m.onnx")]) == 2
     assert "--int8-input only applies with --int8" in capsys.readouterr().err
+
+
+def test_integer_input_of_a_patched_model_quantizes_its_slices_alike(tmp_path):
+    """A patched file slices the float image before quantizing each slice: with integer_input every
+    slice gets the image's one calibrated range, the QuantizeLinears go, and the slices run on the
+    uint8 image. The resident input then costs a quarter."""
+    import numpy as np
+    import torch
+    from torch import nn
+
+    from memplan.commands.patch import export_patched
+    from memplan.onnx_ort import analyze_onnx_file
+    from memplan.quantize import quantize_onnx
+    from passes.patch import patch_model
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(4), nn.Conv2d(16, 8, 1),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+    shape = (1, 3, 64, 64)
+    plan = patch_model(net, shape, grid=(4, 1), split_node="_2", verify=1, halo="recompute").plan
+    fp32, int8, u8 = tmp_path / "p.onnx", tmp_path / "q.onnx", tmp_path / "u.onnx"
+    export_patched(net, plan, fp32, tolerance=1e-3)
+    calib = np.random.default_rng(0).standard_normal((6, *shape[1:])).astype(np.float32)
+    quantize_onnx(fp32, int8, calib[:4], calib[4:])
+    q = quantize_onnx(fp32, u8, calib[:4], calib[4:], integer_input=True)
+    model = onnx.load(str(u8))
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert sum(n.op_type == "Slice" for n in model.graph.node) >= 4  # the bands still slice the image
+    lo, hi = min(0.0, calib[:4].min()), max(0.0, calib[:4].max())
+    assert q.input_scale == pytest.approx((hi - lo) / 255, rel=1e-5)
+    assert q.top1_agreement == 1.0 and q.max_rel_diff < 0.05
+    a, b = analyze_onnx_file(int8), analyze_onnx_file(u8)
+    assert (a.input_bytes, b.input_bytes) == (3 * 64 * 64 * 4, 3 * 64 * 64)
+    # the input is live at both peaks; the float slices the first file quantizes are gone as well
+    assert a.peak_bytes - b.peak_bytes >= 0.9 * (a.input_bytes - b.input_bytes)

@@ -11,7 +11,8 @@ interior tile reads its neighbours' real pixels, and every windowed op then runs
 
 How each op kind maps an output region to the input region it reads, and how it is re-emitted for
 one patch, is a handler table (:data:`HANDLERS`: windowed convs and pools, pointwise ops, channel
-concat). Ops without a handler (global pools, linear layers, attention, reshapes) are not spatially
+concats and channel slices). Queries that feed no tensor (``x.ndim == 4`` checks) are ignored. Ops
+without a handler (global pools, linear layers, attention, reshapes) are not spatially
 local: the first one bounds how far the split can go. A split must be a cut: nothing computed
 before ``S`` but ``S`` is read after it.
 
@@ -261,12 +262,24 @@ def _read_concat(gm: fx.GraphModule, n: fx.Node) -> LocalOp | str:
     return LocalOp("pointwise")
 
 
+def _read_channel_slice(gm: fx.GraphModule, n: fx.Node) -> LocalOp | str:
+    """``x[:, a:b]`` (a channel range; batch, rows and columns whole): the same rows and columns out."""
+    index = n.args[1] if isinstance(n.args[1], tuple) else (n.args[1],)
+    full = slice(None, None, None)
+    if Ellipsis in index[:-1] or any(not isinstance(i, slice) for i in index if i is not Ellipsis):
+        return "indexes with more than slices"
+    if (index[:1] and index[0] != full) or any(i != full for i in index[2:] if i is not Ellipsis):
+        return "slices the batch or the spatial axes"
+    return LocalOp("pointwise")
+
+
 HANDLERS: dict[str, Handler] = {
     "conv": Handler(_read_conv),
     "max_pool": Handler(_read_max_pool),
     "avg_pool": Handler(_read_avg_pool),
     "pointwise": Handler(_read_pointwise),
     "concat": Handler(_read_concat),
+    "channel_slice": Handler(_read_channel_slice),
 }
 _MODULE_KINDS: tuple[tuple[type[nn.Module] | tuple[type[nn.Module], ...], str], ...] = (
     (nn.Conv2d, "conv"), (nn.MaxPool2d, "max_pool"), (nn.AvgPool2d, "avg_pool"),
@@ -290,6 +303,8 @@ def handler_kind(gm: fx.GraphModule, n: fx.Node) -> str | None:
         kind = next((k for t, k in _MODULE_KINDS if isinstance(m, t)), None)
     else:
         kind = _FUNCTION_KINDS.get(n.target) if n.op == "call_function" else None
+        if n.target is operator.getitem and _is_tensor(n.args[0]) and len(_shape(n.args[0])) == 4:
+            kind = "channel_slice"
     if kind is None and memplan_op_kind(n, gm) in _POINTWISE_KINDS:
         kind = "pointwise"
     return kind
@@ -323,11 +338,20 @@ def _param_side_node(n: fx.Node) -> bool:
     return bool(n.meta.get("_patch_param_side"))
 
 
+def _inert(n: fx.Node) -> bool:
+    return bool(n.meta.get("_patch_inert"))
+
+
 def _mark_param_side(gm: fx.GraphModule) -> None:
-    """Tag nodes computed only from parameters, buffers and constants (docs/definitions.md §1)."""
+    """Tag nodes computed only from parameters, buffers and constants (docs/definitions.md §1), and
+    *inert* ones: queries that make no tensor and feed none (``x.ndim == 4`` checks), which a patch
+    neither needs nor changes."""
     for n in gm.graph.nodes:
         n.meta["_patch_param_side"] = n.op == "get_attr" or (
             n.op in _CALLS and all(_param_side_node(a) for a in n.all_input_nodes))
+    for n in reversed(gm.graph.nodes):
+        n.meta["_patch_inert"] = n.op in _CALLS and not _param_side_node(n) and not _meta_outputs(n) \
+            and all(_inert(u) for u in n.users)
 
 
 @dataclass(frozen=True)
@@ -358,7 +382,7 @@ def local_ops(cg: CapturedGraph) -> tuple[dict[str, LocalOp], list[Candidate], s
     stop = "the graph ends"
     x = placeholders[0]
     for n in nodes:
-        if n.op in ("placeholder", "get_attr") or _param_side_node(n):
+        if n.op in ("placeholder", "get_attr") or _param_side_node(n) or _inert(n):
             continue
         if n.op == "output":
             stop = "the graph ends"
@@ -375,7 +399,7 @@ def local_ops(cg: CapturedGraph) -> tuple[dict[str, LocalOp], list[Candidate], s
         prefix.append(n)
         last = order[n]
         inside = [x, *prefix[:-1]]
-        if any(order[u] > last for p in inside for u in p.users):
+        if any(order[u] > last for p in inside for u in p.users if not _inert(u)):
             continue
         users = list(n.users)
         if len(users) == 1 and users[0].op in _CALLS and handler_kind(gm, users[0]) == "pointwise" \
@@ -750,7 +774,7 @@ class _Builder:
                                                                    name=f"{cand.node}_full")
         self.env[cand.node] = out
         for n in nodes:
-            if n.op in ("placeholder",) or n.name in inside or n.name in self.env:
+            if n.op in ("placeholder",) or n.name in inside or n.name in self.env or _inert(n):
                 continue
             self.env[n.name] = g.node_copy(n, lambda a: self.env[a.name])
         g.lint()

@@ -211,6 +211,32 @@ def test_mixed_halo_recomputes_expansions_instead_of_keeping_them(pace, stream):
     assert mixed.patched_macs > cached.patched_macs
 
 
+class Ghost(nn.Module):
+    """A GhostNet-style module: primary conv, cheap depthwise conv, concat, channel slice; with the
+    ``x.ndim == 4`` check timm's norm layers trace."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.primary, self.cheap = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1, groups=4)
+        self.out = nn.Conv2d(6, 8, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.primary(x)
+        torch._assert(y.ndim == 4, "expected a 4-d map")
+        z = torch.cat([y, self.cheap(y)], 1)[:, :6]
+        return self.out(F.relu(z)).mean((2, 3))
+
+
+@pytest.mark.parametrize("halo", ["recompute", "cache"])
+def test_channel_slices_and_shape_checks_do_not_stop_patching(halo):
+    net = _seeded(Ghost())
+    cg = capture(net, torch.empty(1, 3, 24, 24))
+    _, cands, stop = local_ops(cg)
+    assert "out" in {c.node for c in cands} and "mean" in stop
+    r = patch_model(net, (1, 3, 24, 24), grid=(3, 1), split_node="out", halo=halo, verify=1)
+    _assert_equal(r)
+
+
 def test_cached_functional_net_exact():
     _assert_equal(patch_model(_seeded(Functional()), (1, 3, 30, 27), grid=(4, 1), halo="cache"))
     with pytest.raises(PatchError, match="needs 1 column"):

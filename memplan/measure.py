@@ -99,6 +99,7 @@ class MeasureReport:
     theory: list[Estimate]
     measured: list[Measurement]
     extra: dict[str, Any] = field(default_factory=dict)
+    input_dtype: str = "float32"
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (``memplan measure --json``)."""
@@ -109,7 +110,7 @@ class MeasureReport:
         from memplan.report import fmt_bytes
 
         ref = self.theory[0].peak_bytes
-        lines = [f"model   {self.model}", f"input   {'x'.join(map(str, self.input_shape))} float32 "
+        lines = [f"model   {self.model}", f"input   {'x'.join(map(str, self.input_shape))} {self.input_dtype} "
                  f"({fmt_bytes(self.input_bytes)}, counted in every row)", "",
                  f"  {'':<40} {'peak':>12} {'vs ' + self.theory[0].label:>12} {'latency':>10}"]
         for e in self.theory:
@@ -550,8 +551,9 @@ def measure(
             if traced is not None:
                 no_arena = next(m for m in measured if m.backend == "onnxruntime, no arena")
                 extra["ort_trace"] = asdict(compare_trace(plan_ort(plan.graph), traced, no_arena.peak_bytes))
-    return MeasureReport(model=label, input_shape=list(shape), input_bytes=4 * _numel(shape), theory=theory,
-                         measured=measured, extra=extra)
+    x_name = plan.graph.inputs[0]  # the file's own input type (an integer-input int8 file takes uint8)
+    return MeasureReport(model=label, input_shape=list(shape), input_bytes=plan.graph.nbytes[x_name], theory=theory,
+                         measured=measured, extra=extra, input_dtype=plan.graph.dtypes.get(x_name, "float32"))
 
 
 @dataclass(frozen=True)

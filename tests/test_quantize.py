@@ -105,6 +105,10 @@ def test_integer_input_takes_the_uint8_image_exactly(tmp_path, capsys):
                                   run(plain, image))
     assert analyze_onnx_file(integer).input_bytes == 16 * 16
     assert analyze_onnx_file(plain).input_bytes == 16 * 16 * 4
+    from memplan.measure import measure
+
+    report = measure(str(integer), (1, 1, 16, 16), runs=1, repeats=1)
+    assert (report.input_dtype, report.input_bytes) == ("uint8", 16 * 16)  # its own input type, not float
     out = tmp_path / "cli.onnx"
     assert main(["export", "zoo:resnet_tiny", "--input", "1,1,16,16", "--int8", "--calib", "digits",
                  "--calib-samples", "16", "--int8-input", "--out", str(out)]) == 0

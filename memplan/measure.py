@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import json
 import os
 import subprocess
@@ -649,9 +650,15 @@ def compare_trace(plan: Any, trace: AllocTrace, measured_bytes: int | None = Non
     missing = [(b.tensor, b.nbytes) for b in pending[cursor:]] + [(t, -n) for t, n in extra if n < 0]
     extra = [(t, n) for t, n in extra if n > 0]
     inputs = plan.input_bytes
-    steps = [(node.name, plan.live_bytes[i] + inputs, traced_at_step[node.name] + inputs)
+    seen = [0] * (len(plan.graph.nodes) + 1)  # the predicted buffers the hook sees (>= 4 KiB) live per step
+    for b in buffers:
+        seen[b.alloc_step] += b.nbytes
+        seen[b.free_step + 1] -= b.nbytes
+    live = list(itertools.accumulate(seen[:-1]))
+    steps = [(node.name, live[i] + inputs, traced_at_step[node.name] + inputs)
              for i, node in enumerate(plan.graph.nodes) if node.name in traced_at_step]
-    return TraceComparison(predicted_peak_bytes=plan.peak_bytes, traced_peak_bytes=peak + inputs, matched=matched,
+    return TraceComparison(predicted_peak_bytes=max(live, default=0) + inputs, traced_peak_bytes=peak + inputs,
+                           matched=matched,
                            extra_allocations=extra, missing_buffers=missing,
                            rss_minus_trace=None if measured_bytes is None else measured_bytes - (peak + inputs),
                            steps=steps)

@@ -305,7 +305,8 @@ class OrtBuffer:
     tensor: str
     nbytes: int
     shape: tuple[int, ...]
-    kind: str  # "allocate" (planned), "output" (a graph output, never freed) or "scratch" (a kernel's temporary)
+    kind: str  # "allocate" (planned), "output" (a graph output, never freed), "scratch" (a kernel's
+    # temporary) or "frame" (the run's table of every value, onnxruntime's ExecutionFrame)
     alloc_step: int
     free_step: int
     tensors: tuple[str, ...]
@@ -607,6 +608,21 @@ def plan_ort(g: OrtGraph, *, reuse_freed: bool = True) -> OrtPlan:
     return _release_plan(g, buffer_of, reuse)
 
 
+# sizeof(OrtValue) on a 64-bit build: a shared_ptr<void> (16 B) and the MLDataType pointer (8 B)
+ORT_VALUE_BYTES = 24
+
+
+def frame_bytes(g: OrtGraph) -> int:
+    """What every run allocates before its first kernel: the ExecutionFrame's ``std::vector<OrtValue>``
+    with one entry per value of the graph (inputs, initializers, every node's inputs and outputs).
+    Negligible for most models; a patched model of many bands has thousands of values (120 KB for
+    5,000)."""
+    values = set(g.inputs) | set(g.initializers) | set(g.nbytes)
+    for n in g.nodes:
+        values.update(t for t in (*n.inputs, *n.outputs) if t)
+    return ORT_VALUE_BYTES * len(values)
+
+
 def _release_plan(g: OrtGraph, buffer_of: dict[str, str], reuse: dict[str, str]) -> OrtPlan:
     """Buffers and their lives: a planned buffer is freed after the last node reading any tensor in it."""
     step_of = {t: i for i, n in enumerate(g.nodes) for t in n.outputs if t}
@@ -626,7 +642,8 @@ def _release_plan(g: OrtGraph, buffer_of: dict[str, str], reuse: dict[str, str])
     owned: dict[int, list[str]] = {}
     for t in owners:
         owned.setdefault(step_of[t], []).append(t)
-    buffers = []
+    buffers = [OrtBuffer(tensor="(execution frame)", nbytes=frame_bytes(g), shape=(), kind="frame", alloc_step=0,
+                         free_step=last, tensors=(), producer=g.nodes[0].name)] if g.nodes else []
     for i, n in enumerate(g.nodes):  # a node's outputs, then the temporary buffers its kernel allocates
         buffers += [OrtBuffer(tensor=t, nbytes=g.nbytes.get(t, 0), shape=g.shapes.get(t, ()), kind=reuse[t],
                               alloc_step=i, free_step=last if free_step[t] is None else free_step[t],

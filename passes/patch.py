@@ -1182,6 +1182,7 @@ def patch_model(
     max_mac_overhead: float | None = 0.2,
     max_grid: int = 8,
     max_bands: int = 128,
+    max_nodes: int = 20_000,
     verify: int = 3,
     check: bool = True,
     form: str = "deploy",
@@ -1192,7 +1193,7 @@ def patch_model(
     """Patch ``model``'s early part (module docstring) at the split and grid with the lowest peak.
 
     ``grid`` fixes the grid (``n`` = n×n; else up to ``max_grid`` per side, and up to ``max_bands``
-    cached row bands); ``budget`` picks the least MAC overhead whose peak fits
+    cached row bands, fewer where bands times prefix ops would pass ``max_nodes``: the graph built); ``budget`` picks the least MAC overhead whose peak fits
     (:class:`PatchError` naming the best reachable peak when none does); otherwise the lowest peak
     whose MAC overhead is at most ``max_mac_overhead`` (None = any). ``split_node`` fixes the split.
     The estimate ranks every split and grid; the best-ranked ``verify`` splits are built and analysed
@@ -1242,7 +1243,8 @@ def patch_model(
             cache = mode != "recompute"
             for p in paces if cache else ("split",):
                 rows = c.shape[2] if p == "split" else x.shape[2]
-                options = grids if grid is not None or not cache else [(r, 1) for r in _band_counts(rows, max_bands)]
+                most = min(max_bands, max(2, max_nodes // len(c.prefix)))  # bands x prefix ops: the graph built
+                options = grids if grid is not None or not cache else [(r, 1) for r in _band_counts(rows, most)]
                 estimates += [est.estimate(c, gr, mode, p) for gr in options
                               if gr[0] <= rows and gr[1] <= c.shape[3] and (gr[1] == 1 or not cache)]
     if not estimates:

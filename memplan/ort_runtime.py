@@ -45,9 +45,9 @@ Example:
     >>> onnx.save(helper.make_model(helper.make_graph(nodes, "g", [v("x")], [v("y")])), path)
     >>> p = predict_ort(path)
     >>> [(b.tensor, b.kind) for b in p.buffers]  # the sigmoid runs in place over the relu's output
-    [('a', 'allocate'), ('y', 'output')]
-    >>> p.peak_bytes // 2**16  # input + a + y
-    3
+    [('(execution frame)', 'frame'), ('a', 'allocate'), ('y', 'output')]
+    >>> p.peak_bytes - frame_bytes(p.graph) == 3 * 2**16  # input + a + y (+ 24 B per value: the frame)
+    True
 """
 
 from __future__ import annotations
@@ -546,7 +546,9 @@ def plan_ort(g: OrtGraph, *, reuse_freed: bool = True) -> OrtPlan:
         ...              inputs=["x"], outputs=["y"], initializers=set())
         >>> p = plan_ort(g)
         >>> [(b.tensor, b.alloc_step, b.free_step) for b in p.buffers], p.peak_bytes  # Mul is not in place
-        ([('a', 0, 2), ('b', 1, 2), ('y', 2, 2)], 256)
+        ([('(execution frame)', 0, 2), ('a', 0, 2), ('b', 1, 2), ('y', 2, 2)], 352)
+
+    (x, a, b and y at the Mul: 256 B, and the run's frame of four 24-byte values.)
     """
     use: dict[str, int] = {}
     for t in [*g.inputs, *g.initializers]:
@@ -868,7 +870,7 @@ def analyze_runtime(
         ...                                               [v("y")])), path)
         >>> r = analyze_runtime(path, (2, 4, 64, 64))
         >>> r.form, r.peak_bytes // 2**17, [t.tensor for t in r.live_at_peak]  # input + output, 128 KiB each
-        ('runtime=ort', 2, ['x', 'y'])
+        ('runtime=ort', 2, ['x', 'y', '(execution frame)'])
     """
     if runtime not in RUNTIMES:
         raise MemplanError(f"unknown runtime '{runtime}' (use {' or '.join(RUNTIMES)})")

@@ -1241,6 +1241,8 @@ def patch_model(
     for c in cands:
         for mode in modes:  # cached row bands: up to one row of the split map (or of the input) each
             cache = mode != "recompute"
+            if mode == "mixed" and len(modes) > 1 and not _recomputed(cg.gm, c, ops, stream_input):
+                continue  # nothing to recompute: the same bands as "cache"
             for p in paces if cache else ("split",):
                 rows = c.shape[2] if p == "split" else x.shape[2]
                 most = min(max_bands, max(2, max_nodes // len(c.prefix)))  # bands x prefix ops: the graph built
@@ -1250,8 +1252,9 @@ def patch_model(
     if not estimates:
         raise PatchError(f"no grid fits the split maps of {cg.model_name}")
     ranked = _rank(estimates, budget, max_mac_overhead, total_macs, grid is not None)
-    if len(modes) > 1:  # verify the best of each halo mode: their estimates err differently
-        by_mode = [[e for e in ranked if e.halo == m] for m in modes]
+    combos = list(dict.fromkeys((e.halo, e.pace) for e in ranked))
+    if len(combos) > 1:  # verify the best of each halo mode and pace: their estimates err differently
+        by_mode = [[e for e in ranked if (e.halo, e.pace) == m] for m in combos]
         ranked = [e for pair in itertools.zip_longest(*by_mode) for e in pair if e is not None]
     # verify different splits first: the estimate's error depends on the split far more than on the grid
     firsts: dict[tuple[str, str, str], _Estimate] = {}  # the best estimate of each split (and halo mode)
@@ -1271,8 +1274,9 @@ def patch_model(
     limit = None if grid is not None or budget is not None or max_mac_overhead is None else 1 + max_mac_overhead
     best: tuple[tuple, int, int, fx.GraphModule, _Estimate, MemoryReport] | None = None
     accepted: set[tuple[str, str, str]] = set()  # splits (and halo modes, paces) verified
-    for e in ranked[:6 * max(1, verify)]:
-        if (e.cand.node, e.halo, e.pace) not in accepted and len(accepted) >= verify:
+    most = max(verify, len(combos))  # splits verified: at least one of each halo mode and pace
+    for e in ranked[:6 * max(1, most)]:
+        if (e.cand.node, e.halo, e.pace) not in accepted and len(accepted) >= most:
             break
         module = _Builder(cg, ops, e.cand, e.grid, stream_input, target, e.halo, e.pace).build()
         peak, rep, macs = measure_patched(module, x, stream_input=stream_input, form=form)

@@ -255,12 +255,13 @@ def format_summary(doc: dict[str, Any], written: list[str]) -> str:
                      f"{fmt_bytes(doc['ort_predicted_peak_bytes'])} predicted (no arena); with "
                      f"enable_mem_reuse off {fmt_bytes(doc['ort_noreuse_measured_peak_bytes'])} measured, "
                      f"{fmt_bytes(doc['ort_noreuse_predicted_peak_bytes'])} predicted (--runtime ort-noreuse)")
+    if doc.get("runtime_candidates"):
+        lines.append(f"--runtime        {doc['runtime']}: the best plan of each halo mode, exported and predicted")
     for c in doc.get("runtime_candidates", ()):
         chosen = c["halo"] == doc["halo"] and c["pace"] == doc["pace"] and c["split_node"] == doc["split_node"]
-        lines.append(f"{'--runtime ' + doc['runtime'] if c is doc['runtime_candidates'][0] else '':<17}"
-                     f"{c['halo']:<9} {c['pace']:<5} after '{c['split_node']}' grid {'x'.join(map(str, c['patches']))}: "
-                     f"{fmt_bytes(c['predicted_bytes'])} predicted (deploy {fmt_bytes(c['patched_peak_bytes'])})"
-                     f"{'  <- chosen' if chosen else ''}")
+        lines.append(f"{'':<17}{c['halo']:<9} {c['pace']:<5} after '{c['split_node']}' grid "
+                     f"{'x'.join(map(str, c['patches']))}: {fmt_bytes(c['predicted_bytes'])} predicted (deploy "
+                     f"{fmt_bytes(c['patched_peak_bytes'])}){'  <- chosen' if chosen else ''}")
     if written:
         lines.append(f"wrote            {', '.join(written)}")
     return "\n".join(lines)
